@@ -1,0 +1,409 @@
+"""Tests of workers.chat.store: group commit, history reads, retention, durability."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from workers.chat.store import MessageStore, StoreConfig, StoredMessage
+
+T = TypeVar("T")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_with_store(config: StoreConfig, body: Callable[[MessageStore], Awaitable[T]]) -> T:
+    """Open a store, run ``body`` in a fresh event loop, always close the store."""
+
+    async def main() -> T:
+        store = MessageStore(config)
+        try:
+            return await body(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def msg(
+    room: str, mid: int, ts: int = 0, user: str = "u", content: str | None = None
+) -> StoredMessage:
+    return StoredMessage(room, mid, user, f"m{mid}" if content is None else content, ts)
+
+
+class WriteLock:
+    """Hold SQLite's write lock from another connection so that appends queue up."""
+
+    def __init__(self, path: str) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None)
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def release(self) -> None:
+        self.conn.execute("ROLLBACK")
+        self.conn.close()
+
+
+async def let_tasks_enqueue() -> None:
+    """Let every task created so far run up to its first await (no timed sleep).
+
+    Tasks run in FIFO order, so once this coroutine is resumed each earlier
+    task has executed ``append`` up to waiting on its future, i.e. enqueued.
+    """
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+def test_ids_round_trip_in_order(tmp_path: Path) -> None:
+    cfg = StoreConfig(str(tmp_path / "nested" / "dir" / "shard.db"))
+
+    async def body(store: MessageStore) -> list[StoredMessage]:
+        for i in range(1, 51):
+            await store.append(msg("a", i, ts=1000 + i))
+        for i in range(1, 6):
+            await store.append(msg("b", i, ts=2000 + i))
+        assert store.last_ids() == {"a": 50, "b": 5}
+        return store.read("a")
+
+    got = run_with_store(cfg, body)
+    assert [m.id for m in got] == list(range(1, 51))
+    assert got[0] == StoredMessage("a", 1, "u", "m1", 1001)
+    assert (tmp_path / "nested" / "dir" / "shard.db").exists()
+
+
+def test_concurrent_appends_keep_room_order(tmp_path: Path) -> None:
+    cfg = StoreConfig(str(tmp_path / "s.db"), max_batch=7)
+
+    async def body(store: MessageStore) -> None:
+        await asyncio.gather(*(store.append(msg(f"r{i % 3}", i // 3 + 1)) for i in range(300)))
+        for r in range(3):
+            assert [m.id for m in store.read(f"r{r}")] == list(range(1, 101))
+        assert store.last_ids() == {"r0": 100, "r1": 100, "r2": 100}
+        assert store.committed_rows == 300
+
+    run_with_store(cfg, body)
+
+
+def test_restart_continues_last_ids(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.db")
+
+    async def first(store: MessageStore) -> None:
+        for i in range(1, 31):
+            await store.append(msg("room", i))
+        await store.append(msg("other", 1))
+
+    run_with_store(StoreConfig(path), first)
+
+    async def second(store: MessageStore) -> None:
+        assert store.last_ids() == {"room": 30, "other": 1}
+        assert [m.id for m in store.read("room")] == list(range(1, 31))
+        await store.append(msg("room", 31))
+
+    run_with_store(StoreConfig(path), second)
+
+    async def third(store: MessageStore) -> None:
+        assert store.last_ids() == {"room": 31, "other": 1}
+
+    run_with_store(StoreConfig(path), third)
+
+
+def test_group_commit_batches_concurrent_appends(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.db")
+
+    async def body(store: MessageStore) -> None:
+        lock = WriteLock(path)  # the writer blocks on its first transaction
+        tasks = [asyncio.create_task(store.append(msg("r", i))) for i in range(1, 201)]
+        await let_tasks_enqueue()  # the writer holds at most one (blocked) batch meanwhile
+        lock.release()
+        await asyncio.gather(*tasks)
+        assert store.committed_rows == 200
+        assert store.commits <= 2, store.commits
+        assert store.largest_batch >= 100
+        assert [m.id for m in store.read("r", limit=500)] == list(range(1, 201))
+
+    run_with_store(StoreConfig(path), body)
+
+
+def test_max_batch_bounds_a_transaction(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.db")
+
+    async def body(store: MessageStore) -> None:
+        lock = WriteLock(path)
+        tasks = [asyncio.create_task(store.append(msg("r", i))) for i in range(1, 101)]
+        await let_tasks_enqueue()
+        lock.release()
+        await asyncio.gather(*tasks)
+        assert store.largest_batch == 10
+        assert store.commits >= 10
+        assert store.last_ids() == {"r": 100}
+
+    run_with_store(StoreConfig(path, max_batch=10), body)
+
+
+def test_read_filters(tmp_path: Path) -> None:
+    async def body(store: MessageStore) -> None:
+        for i in range(1, 21):
+            await store.append(msg("r", i, ts=i * 100))
+        await store.append(msg("x", 1, ts=150))
+        assert [m.id for m in store.read("r", after_id=15)] == [16, 17, 18, 19, 20]
+        assert [m.id for m in store.read("r", limit=3)] == [1, 2, 3]
+        assert [m.id for m in store.read("r", after_id=5, limit=2)] == [6, 7]
+        assert [m.id for m in store.read("r", after_timestamp=1750)] == [18, 19, 20]
+        assert [m.id for m in store.read("r", after_timestamp=1800)] == [19, 20]
+        assert [m.id for m in store.read("r", after_id=19, after_timestamp=100)] == [20]
+        assert store.read("r", after_id=20) == []
+        assert store.read("r", limit=0) == []
+        assert store.read("missing") == []
+        assert store.read("x") == [StoredMessage("x", 1, "u", "m1", 150)]
+        with pytest.raises(ValueError):
+            store.read("r", limit=-1)
+
+    run_with_store(StoreConfig(str(tmp_path / "s.db")), body)
+
+
+def test_retention_by_count_keeps_last_ids(tmp_path: Path) -> None:
+    async def body(store: MessageStore) -> None:
+        for i in range(1, 11):
+            await store.append(msg("a", i))
+        for i in range(1, 3):
+            await store.append(msg("b", i))
+        assert store.apply_retention(now_ms=0) == 7  # a: 10 -> 3, b untouched
+        assert [m.id for m in store.read("a")] == [8, 9, 10]
+        assert [m.id for m in store.read("b")] == [1, 2]
+        assert store.last_ids() == {"a": 10, "b": 2}
+        assert store.apply_retention(now_ms=0) == 0
+        await store.append(msg("a", 11))
+        assert [m.id for m in store.read("a")] == [8, 9, 10, 11]
+
+    run_with_store(StoreConfig(str(tmp_path / "s.db"), retention_count=3), body)
+
+
+def test_retention_by_age_keeps_last_ids(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.db")
+
+    async def body(store: MessageStore) -> None:
+        for i in range(1, 11):
+            await store.append(msg("a", i, ts=i * 1000))
+        # older than now - age = 7000 -> ids 1..6 go, 7 (ts == cutoff) stays
+        assert store.apply_retention(now_ms=12_000) == 6
+        assert [m.id for m in store.read("a")] == [7, 8, 9, 10]
+        assert store.apply_retention(now_ms=100_000) == 4
+        assert store.read("a") == []
+        assert store.last_ids() == {"a": 10}
+
+    run_with_store(StoreConfig(path, retention_age_ms=5000), body)
+
+    async def reopened(store: MessageStore) -> None:
+        assert store.last_ids() == {"a": 10}
+        await store.append(msg("a", 11, ts=200_000))
+        assert [m.id for m in store.read("a")] == [11]
+
+    run_with_store(StoreConfig(path), reopened)
+
+
+def test_no_retention_configured_deletes_nothing(tmp_path: Path) -> None:
+    async def body(store: MessageStore) -> None:
+        await store.append(msg("a", 1, ts=0))
+        assert store.apply_retention(now_ms=10**12) == 0
+        assert len(store.read("a")) == 1
+
+    run_with_store(StoreConfig(str(tmp_path / "s.db")), body)
+
+
+WEIRD = [
+    'it\'s "quoted" ; DROP TABLE messages; --',
+    "nul\x00inside\x00",
+    "\x00",
+    "emoji 🎉👩‍👩‍👧 and astral \U0001d54f",
+    "عربي עברית mixed RTL \u202e override",
+    "",
+    "newline\nand\ttab and backslash \\ and %_ wildcards",
+]
+
+
+def test_weird_strings_round_trip(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.db")
+
+    async def body(store: MessageStore) -> None:
+        for n, text in enumerate(WEIRD, start=1):
+            await store.append(StoredMessage(text, 1, text, text, n))
+            await store.append(StoredMessage("plain", n, text, text, n))
+
+    run_with_store(StoreConfig(path), body)
+
+    async def reread(store: MessageStore) -> None:
+        # rooms differing only after a NUL must stay distinct
+        assert store.last_ids() == {**{text: 1 for text in WEIRD}, "plain": len(WEIRD)}
+        for n, text in enumerate(WEIRD, start=1):
+            assert store.read(text) == [StoredMessage(text, 1, text, text, n)]
+        plain = store.read("plain")
+        assert [(m.user, m.content) for m in plain] == [(t, t) for t in WEIRD]
+
+    run_with_store(StoreConfig(path), reread)
+
+
+def test_unencodable_text_is_rejected_alone(tmp_path: Path) -> None:
+    async def body(store: MessageStore) -> None:
+        with pytest.raises(ValueError):
+            await store.append(msg("r", 1, content="lone \ud800 surrogate"))
+        await store.append(msg("r", 1))
+        assert [m.content for m in store.read("r")] == ["m1"]
+
+    run_with_store(StoreConfig(str(tmp_path / "s.db")), body)
+
+
+def test_commit_failure_reaches_every_waiter(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.db")
+
+    async def body(store: MessageStore) -> None:
+        await store.append(msg("r", 1))
+        commits_before = store.commits
+        # A real SQLite failure inside the writer's transaction.
+        admin = sqlite3.connect(path, isolation_level=None)
+        admin.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON messages "
+            "BEGIN SELECT RAISE(ABORT, 'refused by trigger'); END"
+        )
+        lock = WriteLock(path)
+        tasks = [asyncio.create_task(store.append(msg("r", i))) for i in range(2, 52)]
+        await let_tasks_enqueue()
+        lock.release()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert len(results) == 50
+        for result in results:
+            assert isinstance(result, sqlite3.IntegrityError)
+            assert "refused by trigger" in str(result)
+        assert store.commits == commits_before
+        assert store.last_ids() == {"r": 1}
+        assert [m.id for m in store.read("r")] == [1]
+
+        # The writer survives the failure and commits again once the cause is gone.
+        admin.execute("DROP TRIGGER refuse")
+        admin.close()
+        await store.append(msg("r", 2))
+        assert store.last_ids() == {"r": 2}
+
+    run_with_store(StoreConfig(path), body)
+
+
+def test_duplicate_id_fails_the_append(tmp_path: Path) -> None:
+    async def body(store: MessageStore) -> None:
+        await store.append(msg("r", 1, content="first"))
+        with pytest.raises(sqlite3.IntegrityError):
+            await store.append(msg("r", 1, content="second"))
+        assert [m.content for m in store.read("r")] == ["first"]
+
+    run_with_store(StoreConfig(str(tmp_path / "s.db")), body)
+
+
+def test_close_flushes_pending_and_rejects_later_appends(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.db")
+
+    async def main() -> None:
+        store = MessageStore(StoreConfig(path))
+        lock = WriteLock(path)
+        tasks = [asyncio.create_task(store.append(msg("r", i))) for i in range(1, 101)]
+        closing = asyncio.create_task(store.close())
+        await let_tasks_enqueue()  # close() enqueues its stop marker behind the rows
+        lock.release()
+        await closing
+        await asyncio.gather(*tasks)  # every append queued before close() committed
+        with pytest.raises(RuntimeError):
+            await store.append(msg("r", 101))
+        await store.close()  # idempotent
+
+    asyncio.run(main())
+
+    async def check(store: MessageStore) -> None:
+        assert store.last_ids() == {"r": 100}
+        assert len(store.read("r")) == 100
+
+    run_with_store(StoreConfig(path), check)
+
+
+def test_config_validation(tmp_path: Path) -> None:
+    ok = str(tmp_path / "s.db")
+    for bad in (
+        dict(path=":memory:"),
+        dict(path=""),
+        dict(path=ok, synchronous="NORMAL; DROP TABLE x"),
+        dict(path=ok, retention_count=-1),
+        dict(path=ok, retention_age_ms=-5),
+        dict(path=ok, max_batch=0),
+    ):
+        with pytest.raises(ValueError):
+            StoreConfig(**bad)
+    assert StoreConfig(ok, synchronous="full").synchronous == "full"
+
+
+def test_synchronous_full_is_applied(tmp_path: Path) -> None:
+    async def body(store: MessageStore) -> None:
+        await store.append(msg("r", 1))
+        # PRAGMA synchronous: 1 = NORMAL, 2 = FULL
+        assert store._reader.execute("PRAGMA synchronous").fetchone()[0] == 2
+        assert store._reader.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+    run_with_store(StoreConfig(str(tmp_path / "s.db"), synchronous="FULL"), body)
+
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    from workers.chat.store import MessageStore, StoreConfig, StoredMessage
+
+    async def main(path):
+        store = MessageStore(StoreConfig(path))
+        for i in range(1, 1_000_000):
+            await store.append(StoredMessage("room", i, "u", "x" * 100, i))
+            sys.stdout.write(f"{i}\\n")
+            sys.stdout.flush()
+
+    asyncio.run(main(sys.argv[1]))
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_acked_appends_survive_sigkill(tmp_path: Path) -> None:
+    path = str(tmp_path / "crash.db")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, path],
+        stdout=subprocess.PIPE,
+        env=env,
+        cwd=str(REPO_ROOT),
+        text=True,
+    )
+    acked: list[int] = []
+    try:
+        assert proc.stdout is not None
+        while len(acked) < 50:
+            line = proc.stdout.readline()
+            assert line, f"child exited early with {proc.wait()}"
+            acked.append(int(line))
+        os.kill(proc.pid, signal.SIGKILL)
+        rest, _ = proc.communicate()
+        acked.extend(int(x) for x in rest.split())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert acked == list(range(1, len(acked) + 1))
+
+    async def check(store: MessageStore) -> None:
+        stored = [m.id for m in store.read("room", limit=10**9)]
+        # every acked id is durable; ids stay gapless (an unacked tail may also be there)
+        assert stored[: len(acked)] == acked
+        assert stored == list(range(1, len(stored) + 1))
+        assert store.last_ids()["room"] == len(stored)
+
+    run_with_store(StoreConfig(path), check)

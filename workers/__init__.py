@@ -1,0 +1,1 @@
+"""Shard worker processes: each worker owns a shard of the chat rooms."""

@@ -1,0 +1,103 @@
+"""Frozen configuration dataclasses for servers, clients and streams.
+
+Names follow the seed tutorial (``ServerConfig``, ``ClientConfig``,
+``StreamConfig``); every field has a sensible default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from zrpc.protocol.connection import Settings
+
+if TYPE_CHECKING:
+    from zrpc.context import RequestContext
+
+__all__ = ["ClientConfig", "Interceptor", "ServerConfig", "StreamConfig"]
+
+#: ``async def interceptor(context) -> None``; raise :class:`zrpc.RpcError` to refuse the call.
+Interceptor = Callable[["RequestContext"], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Per-stream buffering and compression (the seed's ``StreamConfig``).
+
+    ``buffer_size`` is the receive window a stream announces (bytes the peer may
+    send before we return credit); ``max_buffered_messages`` bounds the queue of
+    broadcast events waiting for credit on an attached stream (past it the
+    stream ends with RESOURCE_EXHAUSTED and the client resumes).
+    """
+
+    buffer_size: int = 256 * 1024
+    max_buffered_messages: int = 4096
+    enable_compression: bool = False
+    compression_threshold: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.buffer_size < 1024:
+            raise ValueError("StreamConfig.buffer_size must be at least 1024 bytes")
+        if self.max_buffered_messages < 1:
+            raise ValueError("StreamConfig.max_buffered_messages must be positive")
+
+    @property
+    def threshold(self) -> int | None:
+        return self.compression_threshold if self.enable_compression else None
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """In-process server (and broker edge) limits."""
+
+    max_connections: int = 10_000
+    request_timeout_ms: int | None = None     # default deadline for calls that send none
+    enable_debug_logging: bool = False         # trace every frame at DEBUG level
+    max_concurrent_streams: int = 1024
+    max_message_size: int = 4 * 1024 * 1024
+    connection_window: int = 4 * 1024 * 1024
+    max_metadata_size: int = 16 * 1024
+    keepalive_interval_ms: int | None = 30_000
+    keepalive_timeout_ms: int = 10_000
+    handshake_timeout_ms: int = 10_000         # TLS + HELLO must complete within this
+    shutdown_grace_ms: int = 10_000            # in-flight calls get this long after GOAWAY
+    stream_config: StreamConfig = field(default_factory=StreamConfig)
+    interceptors: Sequence[Interceptor] = ()
+    authenticator: Callable[[dict[str, Any], Any], Any] | None = None  # (hello, peer) -> identity
+
+    def settings(self) -> Settings:
+        return Settings(
+            max_message_size=self.max_message_size,
+            max_concurrent_streams=self.max_concurrent_streams,
+            initial_stream_window=self.stream_config.buffer_size,
+            initial_connection_window=self.connection_window,
+            max_metadata_size=self.max_metadata_size,
+            keepalive_interval_ms=self.keepalive_interval_ms,
+            keepalive_timeout_ms=self.keepalive_timeout_ms,
+        )
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Client defaults (the seed's ``ClientConfig``)."""
+
+    request_timeout_ms: int | None = 30_000    # default deadline of unary / client-streaming calls
+    stream_timeout_ms: int | None = None       # default deadline of server-streaming / bidi calls
+    connect_timeout_ms: int = 10_000
+    max_message_size: int = 4 * 1024 * 1024
+    connection_window: int = 4 * 1024 * 1024
+    keepalive_interval_ms: int | None = 30_000
+    keepalive_timeout_ms: int = 10_000
+    token: str | None = None                   # bearer token sent in HELLO
+    user_agent: str = "zrpc-python"
+    stream_config: StreamConfig = field(default_factory=StreamConfig)
+
+    def settings(self) -> Settings:
+        return Settings(
+            max_message_size=self.max_message_size,
+            initial_stream_window=self.stream_config.buffer_size,
+            initial_connection_window=self.connection_window,
+            keepalive_interval_ms=self.keepalive_interval_ms,
+            keepalive_timeout_ms=self.keepalive_timeout_ms,
+        )

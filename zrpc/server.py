@@ -1,0 +1,206 @@
+"""The in-process server: TLS listener, sessions, local fan-out, shutdown.
+
+Serves the same services a shard worker serves, with no broker: for
+development, tests, and single-process deployments::
+
+    server = zrpc.Server(zrpc.ServerConfig())
+    server.add_service(my_service)
+    server.bind("127.0.0.1:8443", zrpc.TlsConfig.development())
+    await server.serve()
+
+Built in: ``Health/Check`` (answers ``{"status": "SERVING"}``) and
+``Reflection/List`` (the methods offered), so ``zrpc health`` and
+``zrpc list`` work against it as against the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from zrpc.config import ServerConfig
+from zrpc.context import RequestContext
+from zrpc.dispatch import Authenticator, Dispatcher, ServerCall, ServerSession
+from zrpc.fanout import FanOut
+from zrpc.service import Service
+from zrpc.status import Status
+from zrpc.tls import ALPN_PROTOCOL, TlsConfig, peer_identity
+
+__all__ = ["LocalBus", "Server", "builtin_services"]
+
+log = logging.getLogger("zrpc.server")
+
+
+class LocalBus:
+    """In-process bus: publish straight into the server's fan-out."""
+
+    def __init__(self, fanout: FanOut) -> None:
+        self.fanout = fanout
+
+    def publish(self, topic: str, seq: int, payload: bytes) -> None:
+        self.fanout.publish(topic, seq, payload)
+
+
+def builtin_services(dispatcher: Dispatcher, serving: Any = None) -> Service:
+    """``Health/Check`` and ``Reflection/List`` for a dispatcher."""
+    svc = Service("Health")
+
+    @svc.unary("Check", request=dict, response=dict)
+    async def check(request: Any, ctx: RequestContext) -> dict[str, Any]:
+        ok = dispatcher.serving if serving is None else serving()
+        return {"status": "SERVING" if ok else "NOT_SERVING"}
+
+    refl = Service("Reflection")
+
+    @refl.unary("List", request=dict, response=dict)
+    async def list_methods(request: Any, ctx: RequestContext) -> dict[str, Any]:
+        return {"methods": dispatcher.describe()}
+
+    svc.methods.update(refl.methods)
+    svc.spec.methods.update(refl.spec.methods)
+    return svc
+
+
+class _ServerProtocol(asyncio.Protocol):
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.session: ServerSession | None = None
+        self.transport: asyncio.Transport | None = None
+        self._handshake: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: Any) -> None:  # uvloop's transports are not asyncio.Transport
+        self.transport = transport
+        server = self.server
+        cfg = server.config
+        if len(server.sessions) >= cfg.max_connections or not server.dispatcher.serving:
+            log.warning("refusing connection: max_connections (%d) reached or shutting down",
+                        cfg.max_connections)
+            transport.abort()
+            return
+        peername = transport.get_extra_info("peername")
+        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
+        session = ServerSession(server.dispatcher, transport.write, transport.close, peer=peer,
+                                authenticator=server.authenticator)
+        ssl_obj = transport.get_extra_info("ssl_object")
+        cert_identity = peer_identity(ssl_obj) if ssl_obj is not None else None
+        if cert_identity is not None:
+            session.identity = cert_identity
+        self.session = session
+        server.sessions.add(session)
+        loop = session.loop
+        self._handshake = loop.call_later(cfg.handshake_timeout_ms / 1000, self._handshake_expired)
+
+    def _handshake_expired(self) -> None:
+        s = self.session
+        if s is not None and not s.hello_received.is_set():
+            s.conn.close(Status.DEADLINE_EXCEEDED, "no HELLO within handshake_timeout_ms")
+            s.terminate(Status.DEADLINE_EXCEEDED, "handshake timeout")
+
+    def data_received(self, data: bytes) -> None:
+        s = self.session
+        if s is not None:
+            s.data_received(data)
+            if self._handshake is not None and s.hello_received.is_set():
+                self._handshake.cancel()
+                self._handshake = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._handshake is not None:
+            self._handshake.cancel()
+        if self.session is not None:
+            self.session.connection_lost(exc)
+            self.server.sessions.discard(self.session)
+
+
+class Server:
+    """The in-process server (see module docstring)."""
+
+    def __init__(self, config: ServerConfig | None = None, *,
+                 authenticator: Authenticator | None = None) -> None:
+        self.config = config or ServerConfig()
+        self.fanout = FanOut()
+        self.bus = LocalBus(self.fanout)
+        self.dispatcher = Dispatcher(self.config, bus=self.bus, attach=self._attach,
+                                     detach=self._detach)
+        self.dispatcher.add_service(builtin_services(self.dispatcher))
+        self.authenticator = authenticator or self.config.authenticator
+        self.sessions: set[ServerSession] = set()
+        self._binds: list[tuple[str, TlsConfig]] = []
+        self._servers: list[asyncio.Server] = []
+        self._stopped: asyncio.Event | None = None
+
+    # ---------------------------------------------------------- services
+    def add_service(self, service: Service) -> None:
+        self.dispatcher.add_service(service)
+
+    register_service = add_service
+
+    def _attach(self, call: ServerCall, topic: str, after_seq: int) -> None:
+        self.fanout.attach(topic, call, after_seq)
+        call.context.bus = self.bus
+
+    def _detach(self, call: ServerCall) -> None:
+        for topic in call.topics:
+            self.fanout.detach(topic, call)
+
+    # ----------------------------------------------------------- running
+    def bind(self, address: str, tls: TlsConfig | None = None) -> None:
+        """Listen on ``host:port`` (port 0 picks a free one); TLS defaults to development certs."""
+        self._binds.append((address, tls if tls is not None else TlsConfig.development()))
+
+    async def start(self) -> list[tuple[str, int]]:
+        """Open the listeners; returns the bound (host, port) pairs."""
+        from zrpc.client import parse_address
+
+        loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        bound = []
+        for address, tls in self._binds:
+            host, port = parse_address(address)
+            ctx = tls.server_context()
+            srv = await loop.create_server(
+                lambda: _ServerProtocol(self), host, port, ssl=ctx, backlog=1024,
+                ssl_handshake_timeout=self.config.handshake_timeout_ms / 1000 if ctx else None)
+            self._servers.append(srv)
+            for sock in srv.sockets:
+                name = sock.getsockname()
+                bound.append((name[0], name[1]))
+        for host, port in bound:
+            log.info("zrpc server listening on %s:%d (ALPN %s)", host, port, ALPN_PROTOCOL)
+        self.addresses = bound
+        return bound
+
+    async def serve(self) -> None:
+        """Start (if needed) and run until :meth:`shutdown`."""
+        if not self._servers:
+            await self.start()
+        assert self._stopped is not None
+        await self._stopped.wait()
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """GOAWAY to every connection; in-flight calls finish within ``grace`` seconds."""
+        grace = self.config.shutdown_grace_ms / 1000 if grace is None else grace
+        self.dispatcher.serving = False
+        for srv in self._servers:
+            srv.close()
+        for s in list(self.sessions):
+            s.goaway()
+        idle = [s.idle.wait() for s in self.sessions]
+        if idle:
+            try:
+                async with asyncio.timeout(grace):
+                    await asyncio.gather(*idle)
+            except TimeoutError:
+                log.warning("shutdown grace of %.1fs expired; cancelling remaining calls", grace)
+        for s in list(self.sessions):
+            for call in list(s.calls.values()):
+                call.abort(Status.UNAVAILABLE, "server shut down")
+            s.flush()
+            s.conn.close(Status.UNAVAILABLE, "server shut down")
+            s.terminate(Status.UNAVAILABLE, "server shut down")
+        for srv in self._servers:
+            await srv.wait_closed()
+        self._servers.clear()
+        if self._stopped is not None:
+            self._stopped.set()

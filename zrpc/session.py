@@ -1,0 +1,259 @@
+"""Thin asyncio glue shared by client and server sessions.
+
+A session owns one sans-IO :class:`~zrpc.protocol.Connection` and a ``write``
+callable (a socket transport, a ZeroMQ socket, or an in-memory pipe). It
+coalesces output (one write per loop iteration), wakes senders when credit
+arrives and drives keepalive. :class:`StreamIO` is the per-stream half that
+both sides share: a receive queue that returns credit as the application
+consumes, and a send path that waits for credit, plus a bounded outbox for
+events pushed without awaiting (fan-out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from zrpc.codec import decompress
+from zrpc.protocol.connection import Connection
+from zrpc.protocol.events import ConnectionTerminated, Event
+from zrpc.protocol.frames import FrameType
+from zrpc.status import RpcError, Status, StreamClosed
+
+__all__ = ["SessionBase", "StreamIO"]
+
+log = logging.getLogger("zrpc.session")
+frame_log = logging.getLogger("zrpc.frames")
+
+
+class SessionBase:
+    """Connection + output coalescing + credit waiters + keepalive."""
+
+    def __init__(self, conn: Connection, write: Callable[[bytes], Any],
+                 close_transport: Callable[[], Any], *, debug: bool = False) -> None:
+        self.conn = conn
+        self.loop = asyncio.get_running_loop()
+        self._write = write
+        self._close_transport = close_transport
+        self._flush_handle: asyncio.Handle | None = None
+        self._blocked: dict[int, StreamIO] = {}
+        self._keepalive: asyncio.TimerHandle | None = None
+        self.debug = debug
+        self.closed = False
+
+    # -------------------------------------------------------------- output
+    def schedule_flush(self) -> None:
+        if self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_handle = None
+        if self.conn.has_data_to_send and not self.closed:
+            data = self.conn.data_to_send()
+            if self.debug:
+                _trace("send", data)
+            self._write(data)
+
+    # -------------------------------------------------------------- credit
+    def block(self, io: StreamIO) -> None:
+        self._blocked[io.sid] = io
+
+    def unblock(self, io: StreamIO) -> None:
+        self._blocked.pop(io.sid, None)
+
+    def window_updated(self, sid: int) -> None:
+        if sid == 0:
+            for io in list(self._blocked.values()):
+                io.credit_arrived()
+        else:
+            waiting = self._blocked.get(sid)
+            if waiting is not None:
+                waiting.credit_arrived()
+
+    # ----------------------------------------------------------- keepalive
+    def start_keepalive(self) -> None:
+        interval = self.conn.local.keepalive_interval_ms
+        if interval:
+            period = min(interval, self.conn.local.keepalive_timeout_ms) / 2000
+            self._keepalive = self.loop.call_later(period, self._tick, period)
+
+    def _tick(self, period: float) -> None:
+        if self.closed:
+            return
+        for ev in self.conn.tick(self.loop.time()):
+            if isinstance(ev, ConnectionTerminated):
+                log.info("closing connection: %s", ev.message)
+                self.terminate(ev.code, ev.message)
+                return
+        self.flush()
+        self._keepalive = self.loop.call_later(period, self._tick, period)
+
+    # ------------------------------------------------------------- closing
+    def terminate(self, code: int, message: str) -> None:
+        """Flush what is queued (a GOAWAY) and close the transport."""
+        if self.closed:
+            return
+        self.flush()
+        self.closed = True
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        self.on_closed(RpcError(Status.coerce(code) if code else Status.UNAVAILABLE,
+                                message or "connection closed"))
+        self._close_transport()
+
+    def on_closed(self, error: RpcError) -> None:
+        """Subclasses fail their calls here."""
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        self.conn.closed = True
+        self.on_closed(RpcError(Status.UNAVAILABLE, f"connection lost: {exc}" if exc else "connection lost"))
+
+
+class StreamIO:
+    """One stream's receive queue and flow-controlled send path."""
+
+    __slots__ = ("_credit", "_ended", "_error", "_inbox", "_outbox", "_reader", "max_outbox",
+                 "on_overflow", "session", "sid")
+
+    def __init__(self, session: SessionBase, sid: int, max_outbox: int = 4096) -> None:
+        self.session = session
+        self.sid = sid
+        self._inbox: collections.deque[tuple[bytes, bool]] = collections.deque()
+        self._reader: asyncio.Future[None] | None = None
+        self._credit: asyncio.Future[None] | None = None
+        self._ended = False
+        self._error: RpcError | None = None
+        self._outbox: collections.deque[bytes] = collections.deque()
+        self.max_outbox = max_outbox
+        self.on_overflow: Callable[[], None] | None = None
+
+    # ------------------------------------------------------------ receive
+    def feed(self, payload: bytes, compressed: bool) -> None:
+        self._inbox.append((payload, compressed))
+        r = self._reader
+        if r is not None and not r.done():
+            r.set_result(None)
+
+    def feed_end(self) -> None:
+        self._ended = True
+        r = self._reader
+        if r is not None and not r.done():
+            r.set_result(None)
+
+    def fail(self, error: RpcError) -> None:
+        """The stream is over (status, reset, lost connection): wake everyone."""
+        if self._error is None:
+            self._error = error
+        self._ended = True
+        for fut in (self._reader, self._credit):
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        self._outbox.clear()
+        self.session.unblock(self)
+
+    @property
+    def error(self) -> RpcError | None:
+        return self._error
+
+    async def recv_raw(self) -> bytes | None:
+        """Next payload (decompressed), None after the peer's end; raises the stream's error."""
+        inbox = self._inbox
+        while not inbox:
+            if self._error is not None and self._error.status is not Status.OK:
+                raise self._error
+            if self._ended:
+                return None
+            self._reader = self.session.loop.create_future()
+            await self._reader
+            self._reader = None
+        payload, compressed = inbox.popleft()
+        session = self.session
+        session.conn.acknowledge(self.sid, len(payload))
+        if session.conn.has_data_to_send:
+            session.schedule_flush()
+        if compressed:
+            payload = decompress(payload, session.conn.local.max_message_size)
+        return payload
+
+    # --------------------------------------------------------------- send
+    async def send_raw(self, payload: bytes, compressed: bool = False, end_stream: bool = False) -> None:
+        """Send one payload, waiting for flow-control credit."""
+        conn = self.session.conn
+        while True:
+            if self._error is not None:
+                raise StreamClosed(f"stream ended: {self._error.message or self._error.status.name}",
+                                   status=self._error.status)
+            try:
+                credit = conn.send_credit(self.sid)
+            except StreamClosed:
+                self.fail(RpcError(Status.CANCELLED, "stream closed"))
+                raise
+            if credit > 0 and not self._outbox:
+                break
+            self._credit = self.session.loop.create_future()
+            self.session.block(self)
+            await self._credit
+            self._credit = None
+        conn.send_message(self.sid, payload, end_stream=end_stream, compressed=compressed)
+        self.session.schedule_flush()
+
+    def push_nowait(self, payload: bytes) -> bool:
+        """Queue a payload without waiting (fan-out); False when the stream overflowed and ended."""
+        if self._error is not None:
+            return False
+        conn = self.session.conn
+        if not self._outbox and conn.streams.get(self.sid) is not None and conn.send_credit(self.sid) > 0:
+            conn.send_message(self.sid, payload)
+            self.session.schedule_flush()
+            return True
+        if len(self._outbox) >= self.max_outbox:
+            if self.on_overflow is not None:
+                self.on_overflow()
+            return False
+        self._outbox.append(payload)
+        self.session.block(self)
+        return True
+
+    def credit_arrived(self) -> None:
+        outbox = self._outbox
+        conn = self.session.conn
+        if outbox:
+            if self.sid not in conn.streams:
+                outbox.clear()
+            while outbox and conn.send_credit(self.sid) > 0:
+                conn.send_message(self.sid, outbox.popleft())
+            self.session.schedule_flush()
+            if outbox:
+                return
+        self.session.unblock(self)
+        c = self._credit
+        if c is not None and not c.done():
+            c.set_result(None)
+
+    @property
+    def queued(self) -> int:
+        return len(self._outbox)
+
+
+def _trace(direction: str, data: bytes) -> None:
+    from zrpc.protocol.frames import FrameDecoder
+
+    try:
+        for ftype, flags, sid, payload in FrameDecoder(2**32).feed(data):
+            frame_log.debug("%s %s flags=%#x stream=%d len=%d", direction, FrameType(ftype).name,
+                            flags, sid, len(payload))
+    except Exception:  # tracing must never break the connection
+        frame_log.debug("%s %d bytes (unparsable)", direction, len(data))
+
+
+def trace_events(events: list[Event]) -> None:
+    for ev in events:
+        frame_log.debug("recv %r", ev)
