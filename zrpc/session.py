@@ -15,7 +15,7 @@ import asyncio
 import collections
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from zrpc.codec import decompress
 from zrpc.protocol.connection import Connection
@@ -23,10 +23,18 @@ from zrpc.protocol.events import ConnectionTerminated, Event
 from zrpc.protocol.frames import FrameType
 from zrpc.status import RpcError, Status, StreamClosed
 
-__all__ = ["SessionBase", "StreamIO"]
+__all__ = ["CreditWaiter", "SessionBase", "StreamIO"]
 
 log = logging.getLogger("zrpc.session")
 frame_log = logging.getLogger("zrpc.frames")
+
+
+class CreditWaiter(Protocol):
+    """A stream waiting for send credit (woken by :meth:`SessionBase.window_updated`)."""
+
+    sid: int
+
+    def credit_arrived(self) -> None: ...
 
 
 class SessionBase:
@@ -39,7 +47,7 @@ class SessionBase:
         self._write = write
         self._close_transport = close_transport
         self._flush_handle: asyncio.Handle | None = None
-        self._blocked: dict[int, StreamIO] = {}
+        self._blocked: dict[int, CreditWaiter] = {}
         self._keepalive: asyncio.TimerHandle | None = None
         self.debug = debug
         self.closed = False
@@ -58,10 +66,10 @@ class SessionBase:
             self._write(data)
 
     # -------------------------------------------------------------- credit
-    def block(self, io: StreamIO) -> None:
+    def block(self, io: CreditWaiter) -> None:
         self._blocked[io.sid] = io
 
-    def unblock(self, io: StreamIO) -> None:
+    def unblock(self, io: CreditWaiter) -> None:
         self._blocked.pop(io.sid, None)
 
     def window_updated(self, sid: int) -> None:

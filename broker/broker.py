@@ -1,0 +1,408 @@
+"""The broker process: TLS edge + ZeroMQ ROUTER to workers + SUB to the bus.
+
+``Broker.start()`` binds the client listener and the workers' ROUTER
+endpoint, connects a SUB socket to each registered worker's PUB, and (with
+``workers > 0``) spawns and supervises the shard workers. Everything runs on
+one event loop (uvloop in production); ZeroMQ sockets are drained without
+awaiting per message, and every session's output is coalesced into one
+write per loop iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+from broker.edge import EdgeSession
+from broker.metrics import BrokerMetrics
+from broker.registry import WorkerInfo, WorkerRegistry
+from broker.supervisor import Supervisor, WorkerSpec
+from zrpc import cluster
+from zrpc.client import parse_address
+from zrpc.config import ServerConfig
+from zrpc.dispatch import Authenticator
+from zrpc.fanout import FanOut
+from zrpc.sharding import shard_for
+from zrpc.status import Status
+from zrpc.tls import TlsConfig, peer_identity, zrpc_home
+
+__all__ = ["Broker", "BrokerConfig"]
+
+log = logging.getLogger("zrpc.broker")
+_BATCH = 512  # ZeroMQ messages handled before yielding to the loop
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    listen: str = "127.0.0.1:8443"
+    tls: TlsConfig | None = None              # None: development TLS under ZRPC_HOME
+    workers: int = 2                          # workers to spawn and supervise (0: external only)
+    shards: int | None = None                 # default: workers (required when workers == 0)
+    data_dir: str | None = None               # default: $ZRPC_HOME/data
+    runtime_dir: str | None = None            # ipc:// endpoints live here (default: a temp dir)
+    router: str | None = None                 # endpoint workers connect to (default ipc://)
+    heartbeat_ms: int = 1000
+    liveness: int = 3
+    server: ServerConfig = field(default_factory=ServerConfig)
+    metrics_port: int | None = None
+    log_level: str = "INFO"
+    worker_args: tuple[str, ...] = ()
+
+    @property
+    def shard_count(self) -> int:
+        n = self.shards if self.shards is not None else self.workers
+        if n < 1:
+            raise ValueError("--shards is required when --workers is 0")
+        return n
+
+
+class _EdgeProtocol(asyncio.Protocol):
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.session: EdgeSession | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: Any) -> None:  # uvloop's transports are not asyncio.Transport
+        broker = self.broker
+        cfg = broker.config.server
+        if len(broker.sessions) >= cfg.max_connections or broker.stopping:
+            transport.abort()
+            return
+        peername = transport.get_extra_info("peername")
+        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
+        s = EdgeSession(broker, broker.next_cid(), transport.write, transport.close, peer=peer)
+        ssl_obj = transport.get_extra_info("ssl_object")
+        if ssl_obj is not None:
+            s.identity = peer_identity(ssl_obj)
+        self.session = s
+        broker.sessions[s.cid] = s
+        self._timer = s.loop.call_later(cfg.handshake_timeout_ms / 1000, self._expired)
+
+    def _expired(self) -> None:
+        s = self.session
+        if s is not None and not s.hello_received:
+            s.conn.close(Status.DEADLINE_EXCEEDED, "no HELLO within handshake_timeout_ms")
+            s.terminate(Status.DEADLINE_EXCEEDED, "handshake timeout")
+
+    def data_received(self, data: bytes) -> None:
+        s = self.session
+        if s is not None:
+            s.data_received(data)
+            if self._timer is not None and s.hello_received:
+                self._timer.cancel()
+                self._timer = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.session is not None:
+            self.session.connection_lost(exc)
+
+
+class Broker:
+    """The front process (see module docstring)."""
+
+    def __init__(self, config: BrokerConfig | None = None, *,
+                 authenticator: Authenticator | None = None) -> None:
+        self.config = config or BrokerConfig()
+        self.shards = self.config.shard_count
+        self.authenticator = authenticator or self.config.server.authenticator
+        interval = self.config.heartbeat_ms / 1000
+        self.registry = WorkerRegistry(self.shards, interval, self.config.liveness)
+        self.fanout = FanOut(on_gap=self._gap, on_empty=self.unsubscribe)
+        self.metrics = BrokerMetrics()
+        self.sessions: dict[bytes, EdgeSession] = {}
+        self.internal: dict[bytes, EdgeSession] = {}
+        self.local_methods: dict[str, Any] = {
+            "Health/Check": self._health,
+            "Reflection/List": self._reflection,
+        }
+        self.stopping = False
+        self._cids = itertools.count(1)
+        self._bus_connected: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._server: asyncio.AbstractServer | None = None
+        self._stopped = asyncio.Event()
+        self._ready_changed = asyncio.Event()
+        self._own_runtime: str | None = None
+        self.supervisor: Supervisor | None = None
+        self.address: tuple[str, int] | None = None
+        self.router_endpoint = ""
+
+    # ------------------------------------------------------------ builtins
+    def _health(self, request: Any) -> dict[str, Any]:
+        ok = self.registry.all_shards_owned() and not self.stopping
+        return {"status": "SERVING" if ok else "NOT_SERVING"}
+
+    def _reflection(self, request: Any) -> dict[str, Any]:
+        methods = [{"name": n, "kind": "unary", "shard_key": None, "request": "dict", "response": "dict"}
+                   for n in self.local_methods]
+        seen = set()
+        for w in self.registry.by_identity.values():
+            for m in w.methods:
+                if m["name"] not in seen:
+                    seen.add(m["name"])
+                    methods.append(m)
+        return {"methods": methods}
+
+    def next_cid(self) -> bytes:
+        return next(self._cids).to_bytes(8, "big")
+
+    # ------------------------------------------------------------- startup
+    async def start(self) -> tuple[str, int]:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        runtime = cfg.runtime_dir
+        if runtime is None:
+            base = os.environ.get("XDG_RUNTIME_DIR")
+            runtime = self._own_runtime = tempfile.mkdtemp(prefix="zrpc-", dir=base if base and os.path.isdir(base) else None)
+        Path(runtime).mkdir(parents=True, exist_ok=True)
+        self.runtime_dir = runtime
+        self.zctx = zmq.asyncio.Context()
+        self.router = self.zctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.setsockopt(zmq.SNDHWM, 0)
+        self.router.setsockopt(zmq.RCVHWM, 0)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router_endpoint = cfg.router or f"ipc://{runtime}/broker.ipc"
+        self.router.bind(self.router_endpoint)
+        self._router_sync = zmq.Socket.shadow(self.router.underlying)
+        self.sub = self.zctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.RCVHWM, 100_000)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self._sub_sync = zmq.Socket.shadow(self.sub.underlying)
+        self._tasks.append(loop.create_task(self._pump(self.router, self._router_sync, self._on_worker)))
+        self._tasks.append(loop.create_task(self._pump(self.sub, self._sub_sync, self._on_bus)))
+        self._tasks.append(loop.create_task(self._heartbeat()))
+        tls = cfg.tls if cfg.tls is not None else TlsConfig.development()
+        ctx = tls.server_context()
+        host, port = parse_address(cfg.listen)
+        self._server = await loop.create_server(
+            lambda: _EdgeProtocol(self), host, port, ssl=ctx, backlog=1024,
+            ssl_handshake_timeout=cfg.server.handshake_timeout_ms / 1000 if ctx else None)
+        name = self._server.sockets[0].getsockname()
+        self.address = (name[0], name[1])
+        if cfg.metrics_port is not None:
+            self.metrics.bind(self)
+            self.metrics.serve(cfg.metrics_port)
+        if cfg.workers > 0:
+            data_dir = cfg.data_dir or str(zrpc_home() / "data")
+            Path(data_dir).mkdir(parents=True, exist_ok=True)
+            specs = [WorkerSpec(k, self.shards, self.router_endpoint, f"ipc://{runtime}/bus-{k}.ipc",
+                                data_dir, cfg.heartbeat_ms, cfg.liveness, cfg.log_level, cfg.worker_args)
+                     for k in range(min(cfg.workers, self.shards))]
+            self.supervisor = Supervisor(specs, self._worker_exited)
+            await self.supervisor.start()
+        log.info("broker listening on %s:%d (%s), workers connect to %s, %d shard(s)",
+                 self.address[0], self.address[1], "TLS" if ctx else "PLAINTEXT",
+                 self.router_endpoint, self.shards)
+        return self.address
+
+    async def registry_ready(self) -> None:
+        """Wait until every shard has a live worker."""
+        while not self.registry.all_shards_owned():
+            self._ready_changed.clear()
+            await self._ready_changed.wait()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    # ------------------------------------------------------------- zeromq
+    async def _pump(self, asock: zmq.asyncio.Socket, sync: zmq.Socket[Any], handle: Any) -> None:
+        recv = sync.recv_multipart
+        noblock = zmq.NOBLOCK
+        while True:
+            try:
+                await asock.poll(zmq.POLLIN)
+            except (zmq.ZMQError, asyncio.CancelledError):
+                return
+            for _ in range(_BATCH):
+                try:
+                    msg = recv(noblock)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError:
+                    return
+                try:
+                    handle(msg)
+                except Exception:
+                    log.exception("error handling a ZeroMQ message")
+            else:
+                await asyncio.sleep(0)  # yield: more is waiting
+
+    def _send(self, parts: list[bytes]) -> None:
+        try:
+            self._router_sync.send_multipart(parts, zmq.NOBLOCK, copy=False)
+            self.metrics.frames_to_workers.inc()
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: the worker is gone; its death is handled elsewhere
+            log.debug("send to worker failed: %s", exc)
+
+    def send_frames(self, identity: bytes, cid: bytes, data: bytes) -> None:
+        self._send([identity, cluster.FRAMES, cid, data])
+
+    def disconnect_upstream(self, identity: bytes, cid: bytes) -> None:
+        self._send([identity, cluster.DISCONNECT, cid])
+
+    def _on_worker(self, msg: list[bytes]) -> None:
+        if len(msg) < 2:
+            return
+        identity, cmd = msg[0], msg[1]
+        now = asyncio.get_running_loop().time()
+        if cmd == cluster.READY:
+            self._ready(identity, msg, now)
+            return
+        worker = self.registry.heard(identity, now)
+        if worker is None:
+            self._send([identity, cluster.REFUSED, msgpack.packb("unknown worker: send READY")])
+            return
+        if cmd == cluster.FRAMES and len(msg) == 4:
+            edge = self.sessions.get(msg[2])
+            if edge is not None:
+                edge.from_worker(identity, msg[3])
+            else:
+                self._send([identity, cluster.DISCONNECT, msg[2]])
+        elif cmd == cluster.HEARTBEAT:
+            if len(msg) > 2:
+                for topic, seq in msgpack.unpackb(msg[2]).items():
+                    self.fanout.observe(topic, seq)
+        elif cmd == cluster.ATTACH and len(msg) == 4:
+            edge = self.sessions.get(msg[2])
+            if edge is not None:
+                sid, topic, after = msgpack.unpackb(msg[3])
+                edge.attach(identity, sid, topic, after)
+        elif cmd == cluster.REPAIR:
+            topic, events = msgpack.unpackb(msg[2])
+            self.fanout.repair(topic, None if events is None else [(s, p) for s, p in events])
+        elif cmd == cluster.CLIENT and len(msg) == 3:
+            self._internal(identity).data_received(msg[2])
+        elif cmd == cluster.BYE:
+            w = self.registry.remove(identity)
+            if w is not None:
+                self._worker_dead(w, f"worker for shard {w.shard} stopped")
+
+    def _ready(self, identity: bytes, msg: list[bytes], now: float) -> None:
+        try:
+            info = msgpack.unpackb(msg[2]) if len(msg) > 2 else {}
+            if not isinstance(info, dict) or info.get("version") != cluster.CLUSTER_VERSION:
+                raise ValueError(f"unsupported cluster version {info.get('version') if isinstance(info, dict) else None!r}")
+            old = self.registry.by_identity.get(identity)
+            w = self.registry.register(identity, info, now)
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("refusing worker: %s", exc)
+            self._send([identity, cluster.REFUSED, msgpack.packb(str(exc))])
+            return
+        self._ready_changed.set()
+        if old is None:
+            log.info("worker pid %d registered for shard %d/%d", w.pid, w.shard, w.shards)
+        if w.bus and w.bus not in self._bus_connected:
+            self.sub.connect(w.bus)
+            self._bus_connected.add(w.bus)
+        self._send([identity, cluster.HEARTBEAT])
+
+    def _internal(self, identity: bytes) -> EdgeSession:
+        s = self.internal.get(identity)
+        if s is None or s.closed:
+            cid = self.next_cid()
+            s = EdgeSession(self, cid, lambda data: self._send([identity, cluster.CLIENT, data]),
+                            lambda: None, peer="worker", internal_worker=identity)
+            self.internal[identity] = s
+            self.sessions[cid] = s
+        return s
+
+    def _on_bus(self, msg: list[bytes]) -> None:
+        if len(msg) != 3:
+            return
+        self.fanout.publish(msg[0][:-1].decode("utf-8", "surrogatepass"), cluster.SEQ.unpack(msg[1])[0], msg[2])
+
+    def subscribe(self, topic: str) -> None:
+        self.sub.setsockopt(zmq.SUBSCRIBE, cluster.topic_frame(topic))
+
+    def unsubscribe(self, topic: str) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self.sub.setsockopt(zmq.UNSUBSCRIBE, cluster.topic_frame(topic))
+
+    def _gap(self, topic: str, after: int, upto: int | None) -> None:
+        w = self.registry.for_shard(shard_for(topic, self.shards))
+        if w is None:
+            self.fanout.repair(topic, None)
+            return
+        self._send([w.identity, cluster.GAP, msgpack.packb([topic, after, upto])])
+
+    # ------------------------------------------------------------ liveness
+    async def _heartbeat(self) -> None:
+        interval = self.config.heartbeat_ms / 1000
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)  # the heartbeat period itself
+            for w in self.registry.expired(loop.time()):
+                self._worker_dead(w, f"worker for shard {w.shard} stopped answering heartbeats")
+            for identity in list(self.registry.by_identity):
+                self._send([identity, cluster.HEARTBEAT])
+
+    def _worker_exited(self, shard: int, pid: int, code: int) -> None:
+        w = self.registry.remove_pid(pid)
+        if w is not None:
+            self._worker_dead(w, f"worker for shard {shard} exited (code {code})")
+
+    def _worker_dead(self, w: WorkerInfo, why: str) -> None:
+        log.warning("%s; failing its streams with UNAVAILABLE", why)
+        self.metrics.worker_deaths.inc()
+        for s in list(self.sessions.values()):
+            s.worker_lost(w.identity, why + "; retry")
+        internal = self.internal.pop(w.identity, None)
+        if internal is not None:
+            internal.connection_lost(None)
+
+    def session_closed(self, s: EdgeSession) -> None:
+        self.sessions.pop(s.cid, None)
+
+    # ------------------------------------------------------------ shutdown
+    async def shutdown(self, grace: float | None = None) -> None:
+        """GOAWAY, let in-flight calls finish within ``grace``, stop workers, close."""
+        if self.stopping:
+            await self._stopped.wait()
+            return
+        self.stopping = True
+        grace = self.config.server.shutdown_grace_ms / 1000 if grace is None else grace
+        if self._server is not None:
+            self._server.close()
+        clients = [s for s in self.sessions.values() if s.internal_worker is None]
+        for s in clients:
+            s.conn.goaway(Status.OK, "server is shutting down")
+            s.flush()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while any(s.relays for s in clients) and loop.time() < deadline:
+            await asyncio.sleep(0.02)  # drain poll, bounded by the grace period
+        for s in list(self.sessions.values()):
+            for relay in list(s.relays.values()):
+                relay.fail(Status.UNAVAILABLE, "server shut down")
+            s.flush()
+            s.conn.close(Status.UNAVAILABLE, "server shut down")
+            s.terminate(Status.UNAVAILABLE, "server shut down")
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.router.close(0)
+        self.sub.close(0)
+        self.zctx.term()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+        if self._own_runtime is not None:
+            shutil.rmtree(self._own_runtime, ignore_errors=True)
+        self._stopped.set()

@@ -1,0 +1,455 @@
+"""The broker's per-connection relay: client streams <-> shard workers.
+
+An :class:`EdgeSession` speaks the zrpc protocol with one client (a sans-IO
+server :class:`~zrpc.protocol.Connection`) and, for every worker that serves
+some of its streams, one *upstream* virtual connection (a client-role
+Connection whose frames travel over ZeroMQ, tagged with this session's
+connection id). Flow control is per hop and chained: the broker returns a
+client's credit only once it has forwarded the bytes upstream, and returns a
+worker's credit only once it has written the bytes to the client, so a slow
+end slows the other end down instead of growing the broker.
+
+A :class:`Relay` is one client stream. It routes on the method's shard key
+(from the metadata header ``zrpc-shard-key`` or the first message), buffers
+what the next hop cannot take yet (bounded by the windows), and is also a
+fan-out sink: events of attached topics join its outbox, which is bounded by
+``max_buffered_messages``; past that the stream ends with RESOURCE_EXHAUSTED.
+Payloads are never decoded, except the first message of a stream whose shard
+key must be read.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from zrpc.codec import decompress
+from zrpc.protocol.connection import Connection, Role, Settings
+from zrpc.protocol.events import (
+    ConnectionTerminated,
+    GoAwayReceived,
+    HelloReceived,
+    MessageReceived,
+    StatusReceived,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    WindowUpdated,
+)
+from zrpc.session import SessionBase, trace_events
+from zrpc.sharding import shard_for
+from zrpc.status import RpcError, Status
+
+if TYPE_CHECKING:
+    from broker.broker import Broker
+    from broker.registry import WorkerInfo
+
+__all__ = ["SHARD_KEY_HEADER", "EdgeSession", "Relay", "Upstream"]
+
+log = logging.getLogger("zrpc.broker.edge")
+SHARD_KEY_HEADER = "zrpc-shard-key"
+_END = object()  # marker in a relay's inbound queue: the client half-closed
+
+
+class Upstream:
+    """One virtual connection from an edge session to one worker."""
+
+    __slots__ = ("conn", "relays", "worker")
+
+    def __init__(self, worker: WorkerInfo, settings: Settings) -> None:
+        self.worker = worker
+        self.conn = Connection(Role.CLIENT, settings, peer_settings=worker.settings or None)
+        self.relays: dict[int, Relay] = {}
+
+
+class Relay:
+    """One client stream through the broker (see module docstring)."""
+
+    __slots__ = ("client_ended", "done", "edge", "inbound", "key_field", "local", "metadata", "method",
+                 "outbox", "sid", "timeout_ms", "topics", "up", "up_sid")
+
+    def __init__(self, edge: EdgeSession, sid: int, method: str, timeout_ms: int | None,
+                 metadata: dict[str, str], key_field: str | None) -> None:
+        self.edge = edge
+        self.sid = sid
+        self.method = method
+        self.timeout_ms = timeout_ms
+        self.metadata = metadata
+        self.key_field = key_field
+        self.up: Upstream | None = None
+        self.up_sid = 0
+        self.inbound: collections.deque[Any] = collections.deque()
+        self.outbox: collections.deque[tuple[bytes, bool, int]] = collections.deque()
+        self.topics: list[str] = []
+        self.client_ended = False
+        self.done = False
+        self.local: Callable[[Any], Any] | None = None
+
+    # ---------------------------------------------------- client -> worker
+    def from_client(self, payload: bytes, compressed: bool, end: bool) -> None:
+        if self.up is None:
+            if self.local is not None:
+                self.edge.answer_local(self, payload, compressed)
+                return
+            self.edge.route(self, payload, compressed)
+            if self.up is None:
+                return
+        if end:
+            self.client_ended = True
+        up = self.up
+        if not self.inbound and up.conn.streams.get(self.up_sid) is not None and up.conn.send_credit(self.up_sid) > 0:
+            up.conn.send_message(self.up_sid, payload, compressed=compressed, end_stream=end)
+            self.edge.conn.acknowledge(self.sid, len(payload))
+            self.edge.dirty(up)
+        else:
+            self.inbound.append((payload, compressed, end))
+
+    def client_end(self) -> None:
+        if self.client_ended:
+            return
+        self.client_ended = True
+        if self.up is None:
+            if self.local is None:
+                self.edge.route(self, None, False)
+            if self.up is None:
+                return
+        if self.inbound:
+            self.inbound.append(_END)
+        elif self.up_sid in self.up.conn.streams:
+            self.up.conn.end_stream(self.up_sid)
+            self.edge.dirty(self.up)
+
+    def upstream_credit(self) -> None:
+        up = self.up
+        if up is None:
+            return
+        conn = up.conn
+        inbound = self.inbound
+        while inbound and self.up_sid in conn.streams:
+            item = inbound[0]
+            if item is _END:
+                inbound.popleft()
+                conn.end_stream(self.up_sid)
+                continue
+            if conn.send_credit(self.up_sid) <= 0:
+                break
+            payload, compressed, end = inbound.popleft()
+            conn.send_message(self.up_sid, payload, compressed=compressed, end_stream=end)
+            self.edge.conn.acknowledge(self.sid, len(payload))
+        self.edge.dirty(up)
+
+    # ---------------------------------------------------- worker -> client
+    def to_client(self, payload: bytes, compressed: bool, ack: int) -> None:
+        edge = self.edge
+        conn = edge.conn
+        if not self.outbox and conn.streams.get(self.sid) is not None and conn.send_credit(self.sid) > 0:
+            conn.send_message(self.sid, payload, compressed=compressed)
+            if ack and self.up is not None:
+                self.up.conn.acknowledge(self.up_sid, ack)
+                edge.dirty(self.up)
+            edge.schedule_flush()
+        else:
+            self.outbox.append((payload, compressed, ack))
+            edge.block(self)
+
+    def credit_arrived(self) -> None:
+        """The client granted credit: drain the outbox (called by SessionBase)."""
+        edge = self.edge
+        conn = edge.conn
+        outbox = self.outbox
+        acked = 0
+        while outbox and self.sid in conn.streams and conn.send_credit(self.sid) > 0:
+            payload, compressed, ack = outbox.popleft()
+            if ack < 0:  # a final status waiting behind messages
+                self._send_status(payload)
+                return
+            conn.send_message(self.sid, payload, compressed=compressed)
+            acked += ack
+        if acked and self.up is not None:
+            self.up.conn.acknowledge(self.up_sid, acked)
+            edge.dirty(self.up)
+        edge.schedule_flush()
+        if not outbox:
+            edge.unblock(self)
+
+    def status_to_client(self, code: int, message: str, details: Any) -> None:
+        encoded = msgpack.packb([code, message, details])
+        if self.outbox:
+            self.outbox.append((encoded, False, -1))
+        else:
+            self._send_status(encoded)
+
+    def _send_status(self, encoded: bytes) -> None:
+        code, message, details = msgpack.unpackb(encoded)
+        conn = self.edge.conn
+        if self.sid in conn.streams:
+            conn.send_status(self.sid, code, message, details)
+            self.edge.schedule_flush()
+        self.finish(cancel_upstream=False)
+
+    def fail(self, code: Status, message: str, *, cancel_upstream: bool = True) -> None:
+        """End the stream now (outbox dropped) with a status to the client."""
+        self.outbox.clear()
+        conn = self.edge.conn
+        if self.sid in conn.streams:
+            conn.send_status(self.sid, code, message)
+            self.edge.schedule_flush()
+        self.finish(cancel_upstream=cancel_upstream, code=code, message=message)
+
+    def finish(self, *, cancel_upstream: bool, code: int = Status.CANCELLED, message: str = "") -> None:
+        if self.done:
+            return
+        self.done = True
+        edge = self.edge
+        edge.relays.pop(self.sid, None)
+        edge.unblock(self)
+        up = self.up
+        if up is not None:
+            up.relays.pop(self.up_sid, None)
+            if cancel_upstream and self.up_sid in up.conn.streams:
+                up.conn.reset_stream(self.up_sid, code, message)
+                edge.dirty(up)
+        for topic in self.topics:
+            edge.broker.fanout.detach(topic, self)
+        self.topics.clear()
+
+    # ------------------------------------------------------ fan-out sink
+    def deliver(self, payload: bytes) -> bool:
+        if self.done:
+            return False
+        if len(self.outbox) >= self.edge.max_outbox:
+            self.fail(Status.RESOURCE_EXHAUSTED,
+                      f"stream buffer full ({self.edge.max_outbox} messages waiting for the client); "
+                      "the client is too slow: resume from your last id")
+            return False
+        self.to_client(payload, False, 0)
+        return True
+
+    def abort(self, code: Status, message: str) -> None:
+        self.fail(code, message)
+
+
+class EdgeSession(SessionBase):
+    """One client connection at the broker (see module docstring)."""
+
+    def __init__(self, broker: Broker, cid: bytes, write: Callable[[bytes], Any],
+                 close_transport: Callable[[], Any], *, peer: str | None,
+                 internal_worker: bytes | None = None) -> None:
+        cfg = broker.config.server
+        super().__init__(Connection(Role.SERVER, cfg.settings()), write, close_transport,
+                         debug=cfg.enable_debug_logging)
+        self.broker = broker
+        self.cid = cid
+        self.peer = peer
+        self.internal_worker = internal_worker
+        self.identity: str | None = None
+        self.claims: dict[str, Any] = {}
+        self.relays: dict[int, Relay] = {}
+        self.upstreams: dict[bytes, Upstream] = {}
+        self._dirty: set[Upstream] = set()
+        self.max_outbox = cfg.stream_config.max_buffered_messages
+        self.hello_received = False
+        self.up_settings = Settings(max_message_size=cfg.max_message_size,
+                                    initial_stream_window=cfg.stream_config.buffer_size,
+                                    initial_connection_window=2**31 - 1)
+
+    # ------------------------------------------------------------- client
+    def data_received(self, data: bytes) -> None:
+        events = self.conn.receive_data(data, self.loop.time())
+        if self.debug:
+            trace_events(events)
+        relays = self.relays
+        for ev in events:
+            t = type(ev)
+            if t is MessageReceived:
+                relay = relays.get(ev.stream_id)  # type: ignore[attr-defined]
+                if relay is not None:
+                    relay.from_client(ev.payload, ev.compressed, ev.end_stream)  # type: ignore[attr-defined]
+            elif t is WindowUpdated:
+                self.window_updated(ev.stream_id)  # type: ignore[attr-defined]
+            elif t is StreamOpened:
+                self._open(ev)  # type: ignore[arg-type]
+            elif t is StreamEnded:
+                relay = relays.get(ev.stream_id)  # type: ignore[attr-defined]
+                if relay is not None:
+                    relay.client_end()
+            elif t is StreamReset:
+                relay = relays.get(ev.stream_id)  # type: ignore[attr-defined]
+                if relay is not None:
+                    relay.finish(cancel_upstream=True, code=ev.code, message=ev.message)  # type: ignore[attr-defined]
+            elif t is HelloReceived:
+                if not self._hello(ev.settings):  # type: ignore[attr-defined]
+                    return
+            elif t is ConnectionTerminated:
+                self.terminate(ev.code, ev.message)  # type: ignore[attr-defined]
+                return
+        self.flush()
+
+    def _hello(self, settings: dict[str, Any]) -> bool:
+        try:
+            if self.internal_worker is not None:
+                self.identity = settings.get("principal")
+                self.claims = settings.get("claims") or {}
+            elif self.broker.authenticator is not None:
+                self.identity, self.claims = self.broker.authenticator(settings, self.peer)
+        except RpcError as exc:
+            self.conn.close(exc.status, exc.message)
+            self.terminate(exc.status, exc.message)
+            return False
+        self.conn.send_hello()
+        self.hello_received = True
+        self.start_keepalive()
+        return True
+
+    def _open(self, ev: StreamOpened) -> None:
+        sid = ev.stream_id
+        broker = self.broker
+        local = broker.local_methods.get(ev.method)
+        route = broker.registry.methods.get(ev.method)
+        if local is None and route is None:
+            self.conn.send_status(sid, Status.UNIMPLEMENTED, f"unknown method {ev.method!r}")
+            broker.metrics.call_done(ev.method, Status.UNIMPLEMENTED)
+            return
+        relay = Relay(self, sid, ev.method, ev.timeout_ms, ev.metadata,
+                      route.shard_key if route is not None else None)
+        relay.local = local
+        self.relays[sid] = relay
+        if local is None and (route is None or route.shard_key is None
+                              or SHARD_KEY_HEADER in ev.metadata):
+            self.route(relay, None, False)
+
+    def answer_local(self, relay: Relay, payload: bytes, compressed: bool) -> None:
+        try:
+            request = msgpack.unpackb(decompress(payload, self.conn.local.max_message_size)
+                                      if compressed else payload)
+            assert relay.local is not None
+            reply = msgpack.packb(relay.local(request))
+        except Exception as exc:
+            relay.fail(Status.INVALID_ARGUMENT, f"bad request: {exc}", cancel_upstream=False)
+            return
+        relay.to_client(reply, False, 0)
+        relay.status_to_client(Status.OK, "", None)
+
+    def route(self, relay: Relay, payload: bytes | None, compressed: bool) -> None:
+        """Pick the worker for a stream and open it upstream."""
+        broker = self.broker
+        registry = broker.registry
+        key = relay.metadata.get(SHARD_KEY_HEADER)
+        worker: WorkerInfo | None
+        if relay.key_field is None and key is None:
+            worker = registry.any_worker()
+            where = "any shard"
+        else:
+            if key is None:
+                if payload is None:
+                    relay.fail(Status.INVALID_ARGUMENT, f"{relay.method} needs a request message "
+                               f"(its {relay.key_field!r} field picks the shard)", cancel_upstream=False)
+                    return
+                try:
+                    body = msgpack.unpackb(decompress(payload, self.conn.local.max_message_size)
+                                           if compressed else payload)
+                    key = body[relay.key_field] if isinstance(body, dict) else None
+                except Exception:
+                    key = None
+                if not isinstance(key, str):
+                    relay.fail(Status.INVALID_ARGUMENT, f"{relay.method}: the request must carry a string "
+                               f"{relay.key_field!r} field (it picks the shard)", cancel_upstream=False)
+                    return
+            shard = shard_for(key, registry.shards)
+            worker = registry.for_shard(shard)
+            where = f"shard {shard}"
+        if worker is None:
+            relay.fail(Status.UNAVAILABLE, f"no live worker for {where}; retry shortly",
+                       cancel_upstream=False)
+            return
+        up = self.upstreams.get(worker.identity)
+        if up is None:
+            up = self.upstreams[worker.identity] = Upstream(worker, self.up_settings)
+            up.conn.send_hello({"principal": self.identity, "claims": self.claims, "peer": self.peer})
+        try:
+            relay.up_sid = up.conn.open_stream(relay.method, relay.metadata, relay.timeout_ms)
+        except RpcError as exc:
+            relay.fail(exc.status, exc.message, cancel_upstream=False)
+            return
+        relay.up = up
+        up.relays[relay.up_sid] = relay
+        self.dirty(up)
+
+    # ------------------------------------------------------------- worker
+    def dirty(self, up: Upstream) -> None:
+        self._dirty.add(up)
+        self.schedule_flush()
+
+    def flush(self) -> None:
+        super().flush()
+        if self._dirty:
+            send = self.broker.send_frames
+            for up in self._dirty:
+                if up.conn.has_data_to_send:
+                    send(up.worker.identity, self.cid, up.conn.data_to_send())
+            self._dirty.clear()
+
+    def from_worker(self, identity: bytes, frames: bytes) -> None:
+        up = self.upstreams.get(identity)
+        if up is None:
+            return
+        for ev in up.conn.receive_data(frames):
+            t = type(ev)
+            if t is MessageReceived:
+                relay = up.relays.get(ev.stream_id)  # type: ignore[attr-defined]
+                if relay is not None:
+                    relay.to_client(ev.payload, ev.compressed, len(ev.payload))  # type: ignore[attr-defined]
+                else:
+                    up.conn.acknowledge(ev.stream_id, len(ev.payload))  # type: ignore[attr-defined]
+            elif t is StatusReceived:
+                relay = up.relays.get(ev.stream_id)  # type: ignore[attr-defined]
+                if relay is not None:
+                    self.broker.metrics.call_done(relay.method, ev.code)  # type: ignore[attr-defined]
+                    relay.status_to_client(ev.code, ev.message, ev.details)  # type: ignore[attr-defined]
+            elif t is WindowUpdated:
+                sid = ev.stream_id  # type: ignore[attr-defined]
+                targets = list(up.relays.values()) if sid == 0 else [up.relays.get(sid)]
+                for relay in targets:
+                    if relay is not None:
+                        relay.upstream_credit()
+            elif t is StreamReset:
+                relay = up.relays.get(ev.stream_id)  # type: ignore[attr-defined]
+                if relay is not None:
+                    relay.fail(Status.coerce(ev.code), ev.message, cancel_upstream=False)  # type: ignore[attr-defined]
+            elif t is HelloReceived:
+                pass
+            elif t in (GoAwayReceived, ConnectionTerminated):
+                self.worker_lost(identity, f"worker closed the connection: {getattr(ev, 'message', '')}")
+                return
+        self.dirty(up)
+
+    def attach(self, identity: bytes, up_sid: int, topic: str, after_seq: int) -> None:
+        up = self.upstreams.get(identity)
+        relay = up.relays.get(up_sid) if up is not None else None
+        if relay is None or relay.done:
+            return
+        relay.topics.append(topic)
+        if self.broker.fanout.attach(topic, relay, after_seq):
+            self.broker.subscribe(topic)
+
+    def worker_lost(self, identity: bytes, why: str) -> None:
+        up = self.upstreams.pop(identity, None)
+        if up is None:
+            return
+        self._dirty.discard(up)
+        for relay in list(up.relays.values()):
+            relay.fail(Status.UNAVAILABLE, why, cancel_upstream=False)
+        self.flush()
+
+    # ------------------------------------------------------------ closing
+    def on_closed(self, error: RpcError) -> None:
+        for relay in list(self.relays.values()):
+            relay.finish(cancel_upstream=False)
+        for identity in self.upstreams:
+            self.broker.disconnect_upstream(identity, self.cid)
+        self.upstreams.clear()
+        self.broker.session_closed(self)

@@ -1,0 +1,1 @@
+"""Command-line entry points: ``zrpc-broker``, ``zrpc-worker`` and ``zrpc``."""

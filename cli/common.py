@@ -1,0 +1,53 @@
+"""Shared CLI plumbing: logging set-up, the event loop, TLS options."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import click
+
+from zrpc.tls import TlsConfig
+
+__all__ = ["LOG_LEVELS", "run_async", "setup_logging", "tls_from_options"]
+
+T = TypeVar("T")
+LOG_LEVELS = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)
+
+
+def setup_logging(level: str, name: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        stream=sys.stderr,
+        format=f"%(asctime)s level=%(levelname)s proc={name} logger=%(name)s msg=%(message)s",
+    )
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop (the production loop)."""
+    import uvloop
+
+    return uvloop.run(coro)
+
+
+def tls_from_options(cert: str | None, key: str | None, ca: str | None, insecure: bool,
+                     require_client_cert: bool = False) -> TlsConfig:
+    """Explicit files, plaintext only with --insecure, else the development CA."""
+    if insecure:
+        if cert or key or ca:
+            raise click.UsageError("--insecure (plaintext) cannot be combined with --cert/--key/--ca")
+        return TlsConfig.insecure_plaintext()
+    if cert or key:
+        if not (cert and key):
+            raise click.UsageError("--cert and --key go together")
+        return TlsConfig(cert_file=cert, key_file=key, ca_file=ca, require_client_cert=require_client_cert)
+    dev = TlsConfig.development()
+    if require_client_cert:
+        from dataclasses import replace
+        return replace(dev, require_client_cert=True, ca_file=ca or dev.ca_file)
+    if ca:
+        from dataclasses import replace
+        return replace(dev, ca_file=ca)
+    return dev

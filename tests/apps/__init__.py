@@ -1,0 +1,1 @@
+"""Small apps the multiprocess tests run inside real workers (``--app tests.apps.echo:app``)."""

@@ -1,0 +1,308 @@
+"""The shard worker runtime: ZeroMQ links to brokers, virtual sessions, bus.
+
+A worker serves shard k of N. For each broker it connects a DEALER, sends
+READY (shard, methods, settings, bus endpoint) and then heartbeats; frames
+tagged with a connection id are fed to one :class:`~zrpc.dispatch.ServerSession`
+per client connection, so handlers run exactly as in the in-process server.
+Room events are published once on a PUB socket (the fan-out bus); handlers'
+``call.attach(topic, seq)`` tells the broker to deliver them to the stream.
+A broker that stops answering heartbeats is declared dead: its sessions are
+cancelled (handlers clean up, presence is updated) and the link reconnects
+with backoff. The worker can also call methods through the broker
+(:meth:`Worker.client`), which the chat batch uses for other shards' rooms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+from zrpc import cluster
+from zrpc.client import Client, ClientSession
+from zrpc.config import ClientConfig, ServerConfig
+from zrpc.dispatch import Dispatcher, ServerCall, ServerSession
+from zrpc.service import Service
+from zrpc.status import RpcError, Status
+
+__all__ = ["App", "Worker", "WorkerConfig", "ZmqBus"]
+
+log = logging.getLogger("zrpc.worker")
+
+
+class App(Protocol):
+    """What a worker serves: services plus the bus hooks."""
+
+    def services(self) -> list[Service]: ...
+
+    def replay(self, topic: str, after_seq: int, upto_seq: int | None) -> list[tuple[int, bytes]] | None: ...
+
+    def drain_activity(self) -> dict[str, int]: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    shard: int
+    shards: int
+    brokers: tuple[str, ...]
+    bus: str
+    data_dir: str
+    heartbeat_ms: int = 1000
+    liveness: int = 3
+    reconnect_max_ms: int = 5000
+    server: ServerConfig = field(default_factory=lambda: ServerConfig(
+        connection_window=2**31 - 1, keepalive_interval_ms=None))
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.shard < self.shards:
+            raise ValueError(f"--shard must be in 0..{self.shards - 1}, got {self.shard}")
+        if not self.brokers:
+            raise ValueError("at least one --broker endpoint is required")
+
+
+class ZmqBus:
+    """Publishes room events once on the worker's PUB socket."""
+
+    def __init__(self, sock: zmq.Socket[Any]) -> None:
+        self._send = sock.send_multipart
+        self.dropped = 0
+
+    def publish(self, topic: str, seq: int, payload: bytes) -> None:
+        try:
+            self._send([cluster.topic_frame(topic), cluster.SEQ.pack(seq), payload], zmq.NOBLOCK)
+        except zmq.Again:  # a subscriber's queue is full: the broker repairs the gap from us
+            self.dropped += 1
+
+
+def _trust_broker(hello: dict[str, Any], peer: Any) -> tuple[str | None, dict[str, Any]]:
+    principal = hello.get("principal")
+    claims = hello.get("claims")
+    return (principal if isinstance(principal, str) else None,
+            claims if isinstance(claims, dict) else {})
+
+
+class BrokerLink:
+    """One broker, seen from the worker."""
+
+    def __init__(self, worker: Worker, endpoint: str) -> None:
+        self.worker = worker
+        self.endpoint = endpoint
+        self.sessions: dict[bytes, ServerSession] = {}
+        self.client_session: ClientSession | None = None
+        self.sock: zmq.asyncio.Socket | None = None
+        self._sync: zmq.Socket[Any] | None = None
+        self.last_heard = 0.0
+        self.registered = asyncio.Event()
+
+    def send(self, parts: list[bytes]) -> None:
+        if self._sync is None:
+            return
+        try:
+            self._sync.send_multipart(parts, zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            log.debug("send to broker %s failed: %s", self.endpoint, exc)
+
+    def _connect(self) -> None:
+        w = self.worker
+        self.sock = w.zctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.connect(self.endpoint)
+        self._sync = zmq.Socket.shadow(self.sock.underlying)
+        self.send([cluster.READY, msgpack.packb(w.ready_info())])
+        self.last_heard = asyncio.get_running_loop().time()
+
+    def _disconnect(self, why: str) -> None:
+        log.warning("broker %s: %s; cancelling its %d session(s)", self.endpoint, why, len(self.sessions))
+        self.registered.clear()
+        self.drop_all()
+        if self.sock is not None:
+            self.sock.close(0)
+        self.sock = None
+        self._sync = None
+
+    def drop_all(self) -> None:
+        for s in list(self.sessions.values()):
+            s.connection_lost(None)
+        self.sessions.clear()
+        if self.client_session is not None:
+            self.client_session.connection_lost(None)
+            self.client_session = None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.worker.config
+        interval = cfg.heartbeat_ms / 1000
+        backoff = interval
+        while True:
+            self._connect()
+            assert self.sock is not None and self._sync is not None
+            next_hb = loop.time() + interval
+            alive = True
+            while alive:
+                timeout_ms = max(0, int((next_hb - loop.time()) * 1000))
+                try:
+                    ready = await self.sock.poll(timeout_ms, zmq.POLLIN)
+                except zmq.ZMQError:
+                    ready = 0
+                if ready:
+                    for _ in range(512):
+                        try:
+                            msg = self._sync.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self.last_heard = loop.time()
+                        try:
+                            if not self._handle(msg):
+                                alive = False
+                                break
+                        except Exception:
+                            log.exception("error handling a broker message")
+                now = loop.time()
+                if now >= next_hb:
+                    self.send([cluster.HEARTBEAT, msgpack.packb(self.worker.activity())])
+                    next_hb = now + interval
+                if now - self.last_heard > interval * cfg.liveness:
+                    self._disconnect(f"silent for {cfg.liveness} heartbeats")
+                    alive = False
+                    await asyncio.sleep(backoff)  # reconnect backoff
+                    backoff = min(backoff * 2, cfg.reconnect_max_ms / 1000)
+            if self.sock is not None:
+                self._disconnect("registration must be renewed")
+            if self.registered.is_set():
+                backoff = interval
+
+    def _handle(self, msg: list[bytes]) -> bool:
+        cmd = msg[0]
+        if cmd == cluster.FRAMES:
+            cid = msg[1]
+            s = self.sessions.get(cid)
+            if s is None:
+                s = self._session(cid)
+            s.data_received(msg[2])
+        elif cmd == cluster.HEARTBEAT:
+            self.registered.set()
+        elif cmd == cluster.DISCONNECT:
+            s = self.sessions.pop(msg[1], None)
+            if s is not None:
+                s.connection_lost(None)
+        elif cmd == cluster.GAP:
+            topic, after, upto = msgpack.unpackb(msg[1])
+            events = self.worker.app.replay(topic, after, upto)
+            self.send([cluster.REPAIR, msgpack.packb([topic, events])])
+        elif cmd == cluster.CLIENT:
+            if self.client_session is not None:
+                self.client_session.data_received(msg[1])
+        elif cmd == cluster.REFUSED:
+            reason = msgpack.unpackb(msg[1]) if len(msg) > 1 else "?"
+            log.warning("broker %s refused us: %s", self.endpoint, reason)
+            return False
+        return True
+
+    def _session(self, cid: bytes) -> ServerSession:
+        w = self.worker
+
+        def write(data: bytes) -> None:
+            self.send([cluster.FRAMES, cid, data])
+
+        def close() -> None:
+            self.sessions.pop(cid, None)
+
+        s = ServerSession(w.dispatcher, write, close, peer="broker", authenticator=_trust_broker)
+        self.sessions[cid] = s
+        w.routes[s] = (self, cid)
+        return s
+
+    async def client(self) -> Client:
+        """A client whose calls go through this broker."""
+        s = self.client_session
+        if s is None or s.closed:
+            s = ClientSession(ClientConfig(request_timeout_ms=30_000, keepalive_interval_ms=None),
+                              lambda data: self.send([cluster.CLIENT, data]), lambda: None)
+            self.client_session = s
+            s.start()
+        await s.hello
+        c = Client()
+        c.use_session(s)
+        return c
+
+
+class Worker:
+    """One shard worker process (see module docstring)."""
+
+    def __init__(self, config: WorkerConfig, app_factory: Callable[[Worker], App]) -> None:
+        self.config = config
+        self.zctx = zmq.asyncio.Context()
+        self.pub = self.zctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.SNDHWM, 100_000)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.bus = ZmqBus(zmq.Socket.shadow(self.pub.underlying))
+        self.routes: dict[ServerSession, tuple[BrokerLink, bytes]] = {}
+        self.dispatcher = Dispatcher(config.server, bus=self.bus, attach=self._attach)
+        self.links = [BrokerLink(self, ep) for ep in config.brokers]
+        self.app = app_factory(self)
+        for svc in self.app.services():
+            self.dispatcher.add_service(svc)
+
+    def ready_info(self) -> dict[str, Any]:
+        cfg = self.config
+        return {"version": cluster.CLUSTER_VERSION, "shard": cfg.shard, "shards": cfg.shards,
+                "pid": os.getpid(), "methods": self.dispatcher.describe(),
+                "settings": {"version": 1, **cfg.server.settings().announce()}, "bus": cfg.bus}
+
+    def activity(self) -> dict[str, int]:
+        return self.app.drain_activity()
+
+    def owns(self, key: str) -> bool:
+        from zrpc.sharding import shard_for
+        return shard_for(key, self.config.shards) == self.config.shard
+
+    def _attach(self, call: ServerCall, topic: str, after_seq: int) -> None:
+        route = self.routes.get(call.session)
+        if route is None:
+            raise RpcError(Status.INTERNAL, "stream is not attached to a broker")
+        link, cid = route
+        call.session.flush()  # what the handler sent so far must reach the broker before the attach
+        link.send([cluster.ATTACH, cid, msgpack.packb([call.sid, topic, after_seq])])
+
+    async def client(self) -> Client:
+        """A client through the first registered broker."""
+        for link in self.links:
+            if link.registered.is_set():
+                return await link.client()
+        raise RpcError(Status.UNAVAILABLE, "no broker connection")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.pub.bind(self.config.bus)
+        tasks = [asyncio.create_task(link.run()) for link in self.links]
+        log.info("worker shard %d/%d pid %d serving; bus %s; brokers %s", self.config.shard,
+                 self.config.shards, os.getpid(), self.config.bus, ", ".join(self.config.brokers))
+        try:
+            await stop.wait()
+        finally:
+            for link in self.links:
+                link.send([cluster.BYE])
+                link.drop_all()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            # Let cancelled handlers finish their cleanup (presence, user_left) before closing.
+            await asyncio.sleep(0)
+            await self.app.close()
+            for link in self.links:
+                if link.sock is not None:
+                    link.sock.close(0)
+            self.pub.close(0)
+            self.zctx.term()
+
+

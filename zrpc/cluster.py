@@ -1,0 +1,64 @@
+"""The broker <-> worker wire over ZeroMQ (internal to a zrpc deployment).
+
+Workers connect a DEALER to each broker's ROUTER (READY first, then
+heartbeats both ways, Paranoid-Pirate style) and bind a PUB socket for room
+events. Every ZeroMQ message starts with a one-frame command:
+
+worker -> broker (the ROUTER prepends the worker's identity)
+  READY  [msgpack info]        register: version, shard, shards, pid, methods, settings, bus
+  HB     [msgpack tails]       heartbeat; tails = {topic: last seq published since the last HB}
+  F      cid  frames           zrpc frames of virtual connection ``cid`` (server side)
+  A      cid  [msgpack]        attach: [stream id, topic, after_seq]
+  R      [msgpack]             repair answer: [topic, [[seq, payload], ...] | None]
+  C      frames                zrpc frames of the worker's own client connection to the broker
+  BYE                          clean exit
+
+broker -> worker
+  HB                           heartbeat
+  F      cid  frames           zrpc frames of virtual connection ``cid`` (client side)
+  X      cid                   the client connection ``cid`` is gone: cancel its calls
+  G      [msgpack]             repair request: [topic, after_seq, upto_seq | None]
+  C      frames                frames for the worker's own client connection
+  NO     [msgpack reason]      registration refused / unknown worker: re-register or exit
+
+bus (PUB -> SUB):  [topic + b"\\0", seq (u64 big-endian), payload]
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+__all__ = [
+    "ATTACH",
+    "BYE",
+    "CLIENT",
+    "CLUSTER_VERSION",
+    "DISCONNECT",
+    "FRAMES",
+    "GAP",
+    "HEARTBEAT",
+    "READY",
+    "REFUSED",
+    "REPAIR",
+    "SEQ",
+    "topic_frame",
+]
+
+CLUSTER_VERSION: Final = 1
+READY: Final = b"READY"
+HEARTBEAT: Final = b"HB"
+FRAMES: Final = b"F"
+ATTACH: Final = b"A"
+REPAIR: Final = b"R"
+CLIENT: Final = b"C"
+BYE: Final = b"BYE"
+DISCONNECT: Final = b"X"
+GAP: Final = b"G"
+REFUSED: Final = b"NO"
+SEQ: Final = struct.Struct("!Q")
+
+
+def topic_frame(topic: str) -> bytes:
+    """Topics are delimited because ZeroMQ subscriptions match prefixes."""
+    return topic.encode("utf-8", "surrogatepass") + b"\0"
