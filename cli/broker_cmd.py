@@ -13,7 +13,7 @@ import click
 
 from broker.broker import Broker, BrokerConfig
 from cli.common import LOG_LEVELS, run_async, setup_logging, tls_from_options
-from zrpc.config import ServerConfig
+from zrpc.config import ServerConfig, StreamConfig
 
 __all__ = ["main"]
 
@@ -52,6 +52,11 @@ def main() -> None:
 @click.option("--max-connections", type=int, default=10_000, show_default=True, envvar="ZRPC_MAX_CONNECTIONS")
 @click.option("--max-message-size", type=int, default=4 * 1024 * 1024, show_default=True,
               envvar="ZRPC_MAX_MESSAGE_SIZE")
+@click.option("--max-buffered-messages", type=int, default=4096, show_default=True,
+              envvar="ZRPC_MAX_BUFFERED_MESSAGES",
+              help="Broadcast events queued per stream for a slow client before it gets RESOURCE_EXHAUSTED.")
+@click.option("--stream-window", type=int, default=256 * 1024, show_default=True, envvar="ZRPC_STREAM_WINDOW",
+              help="Per-stream flow-control window in bytes.")
 @click.option("--grace", type=float, default=10.0, show_default=True, envvar="ZRPC_GRACE",
               help="Seconds in-flight calls get to finish on SIGTERM/SIGINT.")
 @click.option("--metrics-port", type=int, default=None, envvar="ZRPC_METRICS_PORT",
@@ -66,7 +71,8 @@ def main() -> None:
 def start(listen: str, workers: int, shards: int | None, data_dir: str | None, router: str | None,
           runtime_dir: str | None, cert: str | None, key: str | None, ca: str | None,
           require_client_cert: bool, insecure: bool, heartbeat_ms: int, liveness: int,
-          max_connections: int, max_message_size: int, grace: float, metrics_port: int | None,
+          max_connections: int, max_message_size: int, max_buffered_messages: int,
+          stream_window: int, grace: float, metrics_port: int | None,
           app_ref: str | None, log_level: str, debug_frames: bool, ready_file: str | None) -> None:
     """Start the broker and its shard workers; runs until SIGTERM/SIGINT.
 
@@ -82,8 +88,13 @@ def start(listen: str, workers: int, shards: int | None, data_dir: str | None, r
     if workers == 0 and not shards:
         raise click.UsageError("--shards is required with --workers 0")
     tls = tls_from_options(cert, key, ca, insecure, require_client_cert)
+    try:
+        streams = StreamConfig(buffer_size=stream_window, max_buffered_messages=max_buffered_messages)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     server = replace(ServerConfig(), max_connections=max_connections, max_message_size=max_message_size,
-                     shutdown_grace_ms=int(grace * 1000), enable_debug_logging=debug_frames)
+                     shutdown_grace_ms=int(grace * 1000), enable_debug_logging=debug_frames,
+                     stream_config=streams)
     config = BrokerConfig(listen=listen, tls=tls, workers=workers, shards=shards, data_dir=data_dir,
                           runtime_dir=runtime_dir, router=router, heartbeat_ms=heartbeat_ms,
                           liveness=liveness, server=server, metrics_port=metrics_port,

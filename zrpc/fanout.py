@@ -123,7 +123,7 @@ class FanOut:
         t.ring.append((seq, payload))
         dead = None
         n = 0
-        for sink, start in t.sinks.items():
+        for sink, start in list(t.sinks.items()):  # a sink may detach itself while we deliver
             if seq > start:
                 n += 1
                 if not sink.deliver(payload):

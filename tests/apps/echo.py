@@ -55,5 +55,60 @@ async def cancelled(request: Any, ctx: RequestContext) -> dict[str, Any]:
     return {"tags": list(_cancelled)}
 
 
-def app(worker: Any) -> SimpleApp:
-    return SimpleApp(svc)
+
+
+# ---------------------------------------------------------------- fan-out
+class _Topics:
+    """Per-topic sequence numbers and a ring of recent events (for gap repair)."""
+
+    def __init__(self) -> None:
+        self.seq: dict[str, int] = {}
+        self.ring: dict[str, list[tuple[int, bytes]]] = {}
+        self.active: dict[str, int] = {}
+
+
+_topics = _Topics()
+
+
+@svc.server_stream("Listen", request=dict, response=dict, shard_key="key")
+async def listen(request: Any, call: ServerCall) -> None:
+    call.attach(request["key"], _topics.seq.get(request["key"], 0))
+    await call.send({"attached": True})
+    await call.wait_closed()
+
+
+@svc.unary("Publish", request=dict, response=dict, shard_key="key")
+async def publish(request: Any, ctx: RequestContext) -> dict[str, Any]:
+    import msgpack
+
+    topic = request["key"]
+    first = _topics.seq.get(topic, 0) + 1
+    for i in range(request.get("count", 1)):
+        seq = _topics.seq[topic] = first + i
+        payload = msgpack.packb({"seq": seq, "body": request.get("body", "")})
+        ring = _topics.ring.setdefault(topic, [])
+        ring.append((seq, payload))
+        del ring[:-10_000]
+        _topics.active[topic] = seq
+        if ctx.bus is not None and seq not in request.get("drop", ()):  # "drop": simulate bus loss
+            ctx.bus.publish(topic, seq, payload)
+    return {"last": _topics.seq[topic]}
+
+
+class EchoApp(SimpleApp):
+    def replay(self, topic: str, after_seq: int, upto_seq: int | None) -> list[tuple[int, bytes]] | None:
+        ring = _topics.ring.get(topic, [])
+        if not ring or ring[0][0] > after_seq + 1:
+            return None
+        return [(s, p) for s, p in ring if s > after_seq and (upto_seq is None or s <= upto_seq)]
+
+    def drain_activity(self) -> dict[str, int]:
+        active = dict(_topics.active)
+        _topics.active.clear()
+        return active
+
+
+
+
+def app(worker: Any) -> EchoApp:
+    return EchoApp(svc)

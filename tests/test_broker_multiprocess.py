@@ -1,0 +1,258 @@
+"""The broker and its workers as real processes: routing, fan-out, faults, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+import zrpc
+from procs import BrokerProc, children, start_broker, start_worker, wait_for
+from zrpc.sharding import shard_for
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(120)]
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[BrokerProc]:
+    b = start_broker(tmp_path)
+    try:
+        yield b.wait_ready()
+    finally:
+        b.stop()
+
+
+def run(coro: Any) -> Any:
+    return uvloop.run(coro)
+
+
+async def connect(b: BrokerProc, home: Path, **cfg: Any) -> zrpc.Client:
+    os.environ["ZRPC_HOME"] = str(home)
+    client = zrpc.Client(zrpc.ClientConfig(**cfg))
+    await client.connect(b.address)
+    return client
+
+
+def keys_by_shard(shards: int = 2) -> dict[int, str]:
+    found: dict[int, str] = {}
+    i = 0
+    while len(found) < shards:
+        found.setdefault(shard_for(f"k{i}", shards), f"k{i}")
+        i += 1
+    return found
+
+
+def test_four_patterns_and_routing(broker: BrokerProc, tmp_path: Path) -> None:
+    keys = keys_by_shard()
+
+    async def main() -> None:
+        c = await connect(broker, tmp_path)
+        assert await c.unary("Health/Check", {}, dict) == {"status": "SERVING"}
+        pids = {shard: (await c.unary("Echo/Say", {"key": k}, dict))["pid"] for shard, k in keys.items()}
+        assert pids[0] != pids[1], "rooms on different shards must be served by different workers"
+        assert set(pids.values()) == set(children(broker.pid))
+        up = await c.client_stream("Echo/Sum", dict, dict)
+        for i in range(100):
+            await up.send({"key": keys[1], "n": i})
+        assert await up.close_and_receive() == {"sum": 4950, "pid": pids[1]}
+        down = await c.server_stream("Echo/Count", {"key": keys[0], "n": 500}, dict)
+        got = [m["i"] async for m in down]
+        assert got == list(range(500))
+        both = await c.bidirectional_stream("Echo/Chat", dict, dict)
+        for i in range(20):
+            await both.send({"key": keys[0], "i": i})
+            assert (await both.receive()) == {"key": keys[0], "i": i, "pid": pids[0]}
+        await both.close_send()
+        assert await both.receive() is None
+        with pytest.raises(zrpc.RpcError) as err:
+            await c.unary("Echo/Say", {"no_key": 1}, dict)
+        assert err.value.status is zrpc.Status.INVALID_ARGUMENT
+        with pytest.raises(zrpc.RpcError) as err:
+            await c.unary("Nope/Nothing", {}, dict)
+        assert err.value.status is zrpc.Status.UNIMPLEMENTED
+        methods = {m["name"] for m in (await c.unary("Reflection/List", {}, dict))["methods"]}
+        assert {"Echo/Say", "Echo/Listen", "Health/Check"} <= methods
+        await c.close()
+
+    run(main())
+
+
+def test_thousand_attached_streams_receive_every_event_in_order(broker: BrokerProc, tmp_path: Path) -> None:
+    async def main() -> None:
+        subs_client = await connect(broker, tmp_path)
+        pub = await connect(broker, tmp_path)
+        streams = []
+        for _ in range(1000):
+            s = await subs_client.server_stream("Echo/Listen", {"key": "room"}, dict)
+            streams.append(s)
+        for s in streams:
+            assert await s.next() == {"attached": True}
+        n = 50
+        for _ in range(5):
+            await pub.unary("Echo/Publish", {"key": "room", "count": n // 5, "body": "x" * 100}, dict)
+
+        async def drain(s: Any) -> list[int]:
+            return [(await s.next())["seq"] for _ in range(n)]
+
+        results = await asyncio.gather(*(drain(s) for s in streams))
+        assert all(r == list(range(1, n + 1)) for r in results)
+        await subs_client.close()
+        await pub.close()
+
+    run(main())
+
+
+def test_slow_subscriber_gets_resource_exhausted_others_keep_up(tmp_path: Path) -> None:
+    b = start_broker(tmp_path, "--max-buffered-messages", "64")
+    try:
+        b.wait_ready()
+
+        async def main() -> None:
+            small = zrpc.StreamConfig(buffer_size=1024)
+            slow_c = await connect(b, tmp_path, stream_config=small)
+            fast_c = await connect(b, tmp_path)
+            pub = await connect(b, tmp_path)
+            slow = await slow_c.server_stream("Echo/Listen", {"key": "busy"}, dict)
+            fast = await fast_c.server_stream("Echo/Listen", {"key": "busy"}, dict)
+            assert await slow.next() == {"attached": True}
+            assert await fast.next() == {"attached": True}
+            total = 600
+
+            async def read_fast() -> list[int]:
+                return [(await fast.next())["seq"] for _ in range(total)]
+
+            reader = asyncio.create_task(read_fast())
+            for _ in range(6):
+                await pub.unary("Echo/Publish", {"key": "busy", "count": 100, "body": "y" * 100}, dict)
+            assert await reader == list(range(1, total + 1))
+            seen = []
+            with pytest.raises(zrpc.RpcError) as err:
+                while True:
+                    m = await slow.next()
+                    assert m is not None
+                    seen.append(m["seq"])
+            assert err.value.status is zrpc.Status.RESOURCE_EXHAUSTED
+            assert "resume" in err.value.message
+            assert seen == list(range(1, len(seen) + 1)) and len(seen) < total
+            for c in (slow_c, fast_c, pub):
+                await c.close()
+
+        run(main())
+    finally:
+        b.stop()
+
+
+def test_worker_sigkill_fails_fast_restarts_and_serves_again(broker: BrokerProc, tmp_path: Path) -> None:
+    keys = keys_by_shard()
+
+    async def main() -> None:
+        c = await connect(broker, tmp_path)
+        pid = (await c.unary("Echo/Say", {"key": keys[0]}, dict))["pid"]
+        other = (await c.unary("Echo/Say", {"key": keys[1]}, dict))["pid"]
+        in_flight = asyncio.create_task(c.unary("Echo/Sleep", {"key": keys[0], "seconds": 60}, dict, timeout=50))
+        stream = await c.server_stream("Echo/Listen", {"key": keys[0]}, dict)
+        assert await stream.next() == {"attached": True}
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(zrpc.RpcError) as err:
+            await in_flight
+        assert err.value.status is zrpc.Status.UNAVAILABLE
+        with pytest.raises(zrpc.RpcError) as err2:
+            await stream.next()
+        assert err2.value.status is zrpc.Status.UNAVAILABLE
+        assert loop.time() - t0 < 3 * 0.2 + 2.0, "streams of a dead worker must end within a liveness period"
+        # the other shard never noticed
+        assert (await c.unary("Echo/Say", {"key": keys[1]}, dict))["pid"] == other
+        # the supervisor restarts shard 0 and it serves again
+        deadline = loop.time() + 20
+        while True:
+            try:
+                r = await c.unary("Echo/Say", {"key": keys[0]}, dict)
+                break
+            except zrpc.RpcError as exc:
+                assert exc.status is zrpc.Status.UNAVAILABLE
+                assert loop.time() < deadline, "worker was not restarted"
+                await asyncio.sleep(0.05)  # retry poll while the supervisor restarts the worker
+        assert r["pid"] != pid and r["pid"] in children(broker.pid)
+        await c.close()
+
+    run(main())
+
+
+def test_client_disconnect_cancels_worker_handlers(broker: BrokerProc, tmp_path: Path) -> None:
+    async def main() -> None:
+        c = await connect(broker, tmp_path)
+        checker = await connect(broker, tmp_path)
+        call = asyncio.create_task(c.unary("Echo/Sleep", {"key": "z", "seconds": 60, "tag": "gone"}, dict, timeout=50))
+        # the call reached the worker once the broker relayed it; then drop the whole connection
+        await asyncio.sleep(0)
+        for _ in range(200):
+            if c.session is not None and c.session.calls:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # let the OPEN travel to the worker before the disconnect
+        await c.close()
+        with pytest.raises(zrpc.RpcError):
+            await call
+        deadline = asyncio.get_running_loop().time() + 10
+        while "gone" not in (await checker.unary("Echo/Cancelled", {"key": "z"}, dict))["tags"]:
+            assert asyncio.get_running_loop().time() < deadline, "worker handler was not cancelled"
+            await asyncio.sleep(0.05)
+        await checker.close()
+
+    run(main())
+
+
+def test_graceful_shutdown_drains_in_flight_calls(tmp_path: Path) -> None:
+    b = start_broker(tmp_path, "--grace", "10")
+    try:
+        b.wait_ready()
+        worker_pids = children(b.pid)
+
+        async def main() -> None:
+            c = await connect(b, tmp_path)
+            call = asyncio.create_task(c.unary("Echo/Sleep", {"key": "a", "seconds": 1.0}, dict, timeout=20))
+            await c.unary("Echo/Say", {"key": "a"}, dict)  # the Sleep call is in flight by now
+            b.signal(signal.SIGTERM)
+            assert await call == {"slept": 1.0}
+            with pytest.raises(zrpc.RpcError):
+                await c.unary("Echo/Say", {"key": "a"}, dict)
+            await c.close()
+
+        run(main())
+        assert b.wait(20) == 0
+        for pid in worker_pids:
+            wait_for(lambda pid=pid: not Path(f"/proc/{pid}").exists()
+                     or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3], 10,
+                     what=f"worker {pid} to exit")
+    finally:
+        b.stop()
+
+
+def test_worker_started_by_hand_joins_broker_with_no_workers(tmp_path: Path) -> None:
+    b = start_broker(tmp_path, "--workers", "0", "--shards", "1", "--runtime-dir", str(tmp_path / "run"))
+    w = None
+    try:
+        wait_for(lambda: (tmp_path / "run" / "broker.ipc").exists(), what="broker endpoint")
+        w = start_worker(tmp_path, "--shard", "0", "--shards", "1", "--broker",
+                         f"ipc://{tmp_path}/run/broker.ipc", "--data-dir", str(tmp_path / "wdata"),
+                         "--heartbeat-ms", "200", "--app", "tests.apps.echo:app")
+        b.wait_ready()
+
+        async def main() -> None:
+            c = await connect(b, tmp_path)
+            assert (await c.unary("Echo/Say", {"key": "x"}, dict))["pid"] == w.pid
+            await c.close()
+
+        run(main())
+    finally:
+        if w is not None:
+            w.stop()
+        b.stop()
