@@ -178,11 +178,11 @@ class Broker:
         self.router.setsockopt(zmq.LINGER, 0)
         self.router_endpoint = cfg.router or f"ipc://{runtime}/broker.ipc"
         self.router.bind(self.router_endpoint)
-        self._router_sync = zmq.Socket.shadow(self.router.underlying)
+        self._router_sync: zmq.Socket[Any] = zmq.Socket.shadow(self.router.underlying)
         self.sub = self.zctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, 100_000)
         self.sub.setsockopt(zmq.LINGER, 0)
-        self._sub_sync = zmq.Socket.shadow(self.sub.underlying)
+        self._sub_sync: zmq.Socket[Any] = zmq.Socket.shadow(self.sub.underlying)
         self._tasks.append(loop.create_task(self._pump(self.router, self._router_sync, self._on_worker)))
         self._tasks.append(loop.create_task(self._pump(self.sub, self._sub_sync, self._on_bus)))
         self._tasks.append(loop.create_task(self._heartbeat()))

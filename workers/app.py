@@ -59,5 +59,5 @@ def chat_app(worker: Worker) -> App:
         return await client.unary(CHAT.methods["Chat/SendMessage"].name, message, ChatResponse)
 
     path = Path(cfg.data_dir) / f"shard-{cfg.shard}.sqlite"
-    return ChatService(ChatConfig(store_path=str(path)), bus=worker.bus,  # type: ignore[return-value]
+    return ChatService(ChatConfig(store_path=str(path)), bus=worker.bus,
                        owns=worker.owns, forward=forward)

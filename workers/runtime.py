@@ -152,7 +152,7 @@ class BrokerLink:
             while alive:
                 timeout_ms = max(0, int((next_hb - loop.time()) * 1000))
                 try:
-                    ready = await self.sock.poll(timeout_ms, zmq.POLLIN)
+                    ready: int = await self.sock.poll(timeout_ms, zmq.POLLIN)  # type: ignore[call-arg,assignment]
                 except zmq.ZMQError:
                     ready = 0
                 if ready:
