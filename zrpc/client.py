@@ -218,10 +218,14 @@ class ClientSession(SessionBase):
                 raise ConnectionReset("connection is closed")
             if self.goaway is not None:
                 raise RpcError(Status.UNAVAILABLE, f"server is going away: {self.goaway.message}")
-            self._slot = self.loop.create_future()
-            await self._slot
+            # One future shared by every waiter (each made its own, only the last was ever
+            # woken); shielded so that one waiter's cancellation does not cancel the others.
+            if self._slot is None or self._slot.done():
+                self._slot = self.loop.create_future()
+            await asyncio.shield(self._slot)
         timeout_ms = None if timeout is None else max(0, int(timeout * 1000))
         sid = conn.open_stream(method, metadata, timeout_ms)
+        self.schedule_flush()  # the OPEN must go out even if the caller receives first
         call = ClientCall(self, sid, resp_type)
         self.calls[sid] = call
         if timeout is not None:

@@ -15,6 +15,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
+
 from zrpc.codec import DecodeError, compress, decode, encode
 from zrpc.config import ServerConfig
 from zrpc.context import RequestContext
@@ -146,6 +148,13 @@ class ServerCall:
     def finish(self, code: Status, message: str = "", details: Any = None) -> None:
         conn = self.session.conn
         if self.sid in conn.streams:
+            if details is not None:
+                try:  # un-encodable details must not lose the STATUS (the client would hang)
+                    msgpack.packb(details)
+                except (TypeError, ValueError, OverflowError):
+                    log.warning("%s: dropping status details that MessagePack cannot encode: %r",
+                                self.context.method, details)
+                    details = None
             try:
                 conn.send_status(self.sid, code, message, details)
             except StreamClosed:

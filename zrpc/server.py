@@ -30,6 +30,8 @@ from zrpc.tls import ALPN_PROTOCOL, TlsConfig, peer_identity
 __all__ = ["LocalBus", "Server", "builtin_services"]
 
 log = logging.getLogger("zrpc.server")
+#: How long a closing connection may take to finish the TLS close before it is aborted.
+_CLOSE_LINGER_S = 2.0
 
 
 class LocalBus:
@@ -68,6 +70,7 @@ class _ServerProtocol(asyncio.Protocol):
         self.session: ServerSession | None = None
         self.transport: asyncio.Transport | None = None
         self._handshake: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: Any) -> None:  # uvloop's transports are not asyncio.Transport
         self.transport = transport
@@ -80,7 +83,7 @@ class _ServerProtocol(asyncio.Protocol):
             return
         peername = transport.get_extra_info("peername")
         peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
-        session = ServerSession(server.dispatcher, transport.write, transport.close, peer=peer,
+        session = ServerSession(server.dispatcher, transport.write, self._close_transport, peer=peer,
                                 authenticator=server.authenticator)
         ssl_obj = transport.get_extra_info("ssl_object")
         cert_identity = peer_identity(ssl_obj) if ssl_obj is not None else None
@@ -90,6 +93,20 @@ class _ServerProtocol(asyncio.Protocol):
         server.sessions.add(session)
         loop = session.loop
         self._handshake = loop.call_later(cfg.handshake_timeout_ms / 1000, self._handshake_expired)
+
+    def _close_transport(self) -> None:
+        """The session is over: free its slot now and close the socket.
+
+        A peer that stopped reading (what keepalive detects) never completes the
+        TLS close; without the abort it would hold the socket (and, before the
+        discard, a ``max_connections`` slot) for the transport's 30 s shutdown timeout.
+        """
+        if self.session is not None:
+            self.server.sessions.discard(self.session)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+            self._linger = asyncio.get_running_loop().call_later(_CLOSE_LINGER_S, transport.abort)
 
     def _handshake_expired(self) -> None:
         s = self.session
@@ -108,6 +125,8 @@ class _ServerProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._handshake is not None:
             self._handshake.cancel()
+        if self._linger is not None:
+            self._linger.cancel()
         if self.session is not None:
             self.session.connection_lost(exc)
             self.server.sessions.discard(self.session)

@@ -64,6 +64,8 @@ async def connect_in_memory(server: Server | Dispatcher, config: ClientConfig | 
     holder: dict[str, Any] = {}
 
     def close_both() -> None:
+        if isinstance(server, Server):  # as a socket's connection_lost does
+            server.sessions.discard(holder["server"])
         for s in holder.values():
             if not s.closed:
                 loop.call_soon(s.connection_lost, None)
@@ -102,7 +104,12 @@ class MockServer:
     def _script(self, method: str, kind: str, script: Any) -> None:
         queue = self._pending.setdefault(method, [])
         queue.append(script)
-        if len(queue) > 1:
+        existing = self.dispatcher.methods.get(method)
+        if existing is not None:  # handler bound by an earlier expectation (maybe already used)
+            if existing.spec.cardinality.wire_name != kind:
+                queue.pop()
+                raise ValueError(f"{method} is already expected as "
+                                 f"{existing.spec.cardinality.wire_name}, not {kind}")
             return
         short = method.partition("/")[2]
         svc = self._service(method)
