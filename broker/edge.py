@@ -447,6 +447,7 @@ class EdgeSession(SessionBase):
 
     # ------------------------------------------------------------ closing
     def on_closed(self, error: RpcError) -> None:
+        self.flush()  # frames the client sent before it went away still reach the workers, before X
         for relay in list(self.relays.values()):
             relay.finish(cancel_upstream=False)
         for identity in self.upstreams:

@@ -136,9 +136,13 @@ def _dataclass_decoder(cls: type) -> _Conv:
             raise DecodeError(f"{name}: {exc}") from None
 
     _decoders[cls] = dec  # before recursing: allows self-referencing types
-    for f in dataclasses.fields(cls):
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        specs.append((f.name, _build_decoder(hints[f.name], f"{name}.{f.name}"), required))
+    try:
+        for f in dataclasses.fields(cls):
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            specs.append((f.name, _build_decoder(hints[f.name], f"{name}.{f.name}"), required))
+    except BaseException:
+        _decoders.pop(cls, None)  # never leave a half-built decoder (missing fields) cached
+        raise
     return dec
 
 
@@ -229,4 +233,6 @@ def decompress(payload: bytes, max_size: int) -> bytes:
         raise DecodeError(f"invalid compressed message: {exc}") from None
     if d.unconsumed_tail:
         raise DecodeError(f"compressed message inflates beyond max_message_size ({max_size})")
+    if not d.eof or d.unused_data:
+        raise DecodeError("invalid compressed message: truncated or followed by extra bytes")
     return out

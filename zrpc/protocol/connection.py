@@ -32,7 +32,14 @@ from zrpc.protocol.events import (
     StreamReset,
     WindowUpdated,
 )
-from zrpc.protocol.frames import CONTROL_FRAME_LIMIT, HEADER, FrameDecoder, FrameFlag, FrameType
+from zrpc.protocol.frames import (
+    CONTROL_FRAME_LIMIT,
+    HEADER,
+    MAX_STREAM_ID,
+    FrameDecoder,
+    FrameFlag,
+    FrameType,
+)
 from zrpc.protocol.streams import TRANSITIONS, StreamEvent, StreamState
 from zrpc.status import ProtocolError, RpcError, Status, StreamClosed
 
@@ -158,6 +165,8 @@ class Connection:
         try:
             frames = self._decoder.feed(data)
         except ProtocolError as exc:
+            # drop what the failed feed buffered (it can be far above any frame limit)
+            self._decoder = FrameDecoder(self.local.max_message_size, CONTROL_FRAME_LIMIT)
             return [self._fail(exc)]
         events: list[Event] = []
         for ftype, flags, sid, payload in frames:
@@ -247,6 +256,8 @@ class Connection:
             self._recv_end(events, st)
 
     def _on_window(self, events: list[Event], sid: int, payload: bytes) -> None:
+        if self.peer is None:
+            raise ProtocolError("WINDOW frame before HELLO", Status.INTERNAL)
         if len(payload) != 4:
             raise ProtocolError("WINDOW payload must be 4 bytes", Status.INTERNAL)
         (inc,) = _u32.unpack(payload)
@@ -409,6 +420,8 @@ class Connection:
             raise RpcError(Status.RESOURCE_EXHAUSTED,
                            f"peer's max_concurrent_streams ({self._peer_max_streams}) reached")
         sid = self._next_id
+        if sid > MAX_STREAM_ID:  # the peer would treat the id as a connection error
+            raise RpcError(Status.UNAVAILABLE, "stream ids exhausted on this connection; open a new one")
         self._next_id += 2
         payload = msgpack.packb([method, timeout_ms, metadata or {}])
         if len(payload) > CONTROL_FRAME_LIMIT:
@@ -494,7 +507,9 @@ class Connection:
         if st is None:
             return
         st.unacked += size
-        if st.unacked >= self.local.initial_stream_window >> 2 and st.state in (_S.OPEN, _S.HALF_CLOSED_LOCAL):
+        # "st.unacked and": a window below 4 bytes has a threshold of 0; never send an increment of 0
+        if (st.unacked and st.unacked >= self.local.initial_stream_window >> 2
+                and st.state in (_S.OPEN, _S.HALF_CLOSED_LOCAL)):
             inc = st.unacked
             st.unacked = 0
             st.recv_window += inc
@@ -502,7 +517,7 @@ class Connection:
 
     def _ack_connection(self, size: int) -> None:
         self._conn_unacked += size
-        if self._conn_unacked >= self.local.initial_connection_window >> 2:
+        if self._conn_unacked and self._conn_unacked >= self.local.initial_connection_window >> 2:
             inc = self._conn_unacked
             self._conn_unacked = 0
             self._recv_conn_window += inc
