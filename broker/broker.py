@@ -23,7 +23,6 @@ from typing import Any
 
 import msgpack
 import zmq
-import zmq.asyncio
 
 from broker.edge import EdgeSession
 from broker.metrics import BrokerMetrics
@@ -37,11 +36,11 @@ from zrpc.fanout import FanOut
 from zrpc.sharding import shard_for
 from zrpc.status import Status
 from zrpc.tls import TlsConfig, peer_identity, zrpc_home
+from zrpc.zmqio import SocketReader
 
 __all__ = ["Broker", "BrokerConfig"]
 
 log = logging.getLogger("zrpc.broker")
-_BATCH = 512  # ZeroMQ messages handled before yielding to the loop
 
 
 @dataclass(frozen=True)
@@ -170,21 +169,19 @@ class Broker:
             runtime = self._own_runtime = tempfile.mkdtemp(prefix="zrpc-", dir=base if base and os.path.isdir(base) else None)
         Path(runtime).mkdir(parents=True, exist_ok=True)
         self.runtime_dir = runtime
-        self.zctx = zmq.asyncio.Context()
-        self.router = self.zctx.socket(zmq.ROUTER)
+        self.zctx = zmq.Context()
+        self.router: zmq.Socket[Any] = self.zctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.SNDHWM, 0)
         self.router.setsockopt(zmq.RCVHWM, 0)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router_endpoint = cfg.router or f"ipc://{runtime}/broker.ipc"
         self.router.bind(self.router_endpoint)
-        self._router_sync: zmq.Socket[Any] = zmq.Socket.shadow(self.router.underlying)
-        self.sub = self.zctx.socket(zmq.SUB)
+        self.sub: zmq.Socket[Any] = self.zctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, 100_000)
         self.sub.setsockopt(zmq.LINGER, 0)
-        self._sub_sync: zmq.Socket[Any] = zmq.Socket.shadow(self.sub.underlying)
-        self._tasks.append(loop.create_task(self._pump(self.router, self._router_sync, self._on_worker)))
-        self._tasks.append(loop.create_task(self._pump(self.sub, self._sub_sync, self._on_bus)))
+        self._router_reader = SocketReader(self.router, self._on_worker)
+        self._sub_reader = SocketReader(self.sub, self._on_bus)
         self._tasks.append(loop.create_task(self._heartbeat()))
         tls = cfg.tls if cfg.tls is not None else TlsConfig.development()
         ctx = tls.server_context()
@@ -220,34 +217,12 @@ class Broker:
         await self._stopped.wait()
 
     # ------------------------------------------------------------- zeromq
-    async def _pump(self, asock: zmq.asyncio.Socket, sync: zmq.Socket[Any], handle: Any) -> None:
-        recv = sync.recv_multipart
-        noblock = zmq.NOBLOCK
-        while True:
-            try:
-                await asock.poll(zmq.POLLIN)
-            except (zmq.ZMQError, asyncio.CancelledError):
-                return
-            for _ in range(_BATCH):
-                try:
-                    msg = recv(noblock)
-                except zmq.Again:
-                    break
-                except zmq.ZMQError:
-                    return
-                try:
-                    handle(msg)
-                except Exception:
-                    log.exception("error handling a ZeroMQ message")
-            else:
-                await asyncio.sleep(0)  # yield: more is waiting
-
     def _send(self, parts: list[bytes]) -> None:
         try:
-            self._router_sync.send_multipart(parts, zmq.NOBLOCK, copy=False)
-            self.metrics.frames_to_workers.inc()
+            self.router.send_multipart(parts, zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the worker is gone; its death is handled elsewhere
             log.debug("send to worker failed: %s", exc)
+        self._router_reader.kick()
 
     def send_frames(self, identity: bytes, cid: bytes, data: bytes) -> None:
         self._send([identity, cluster.FRAMES, cid, data])
@@ -397,6 +372,8 @@ class Broker:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._router_reader.close()
+        self._sub_reader.close()
         self.router.close(0)
         self.sub.close(0)
         self.zctx.term()

@@ -23,7 +23,6 @@ from typing import Any, Protocol
 
 import msgpack
 import zmq
-import zmq.asyncio
 
 from zrpc import cluster
 from zrpc.client import Client, ClientSession
@@ -31,6 +30,7 @@ from zrpc.config import ClientConfig, ServerConfig
 from zrpc.dispatch import Dispatcher, ServerCall, ServerSession
 from zrpc.service import Service
 from zrpc.status import RpcError, Status
+from zrpc.zmqio import SocketReader
 
 __all__ = ["App", "Worker", "WorkerConfig", "ZmqBus"]
 
@@ -98,8 +98,8 @@ class BrokerLink:
         self.endpoint = endpoint
         self.sessions: dict[bytes, ServerSession] = {}
         self.client_session: ClientSession | None = None
-        self.sock: zmq.asyncio.Socket | None = None
         self._sync: zmq.Socket[Any] | None = None
+        self.reader: SocketReader
         self.last_heard = 0.0
         self.registered = asyncio.Event()
 
@@ -110,26 +110,20 @@ class BrokerLink:
             self._sync.send_multipart(parts, zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:
             log.debug("send to broker %s failed: %s", self.endpoint, exc)
+        self.reader.kick()
 
     def _connect(self) -> None:
         w = self.worker
-        self.sock = w.zctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 0)
-        self.sock.connect(self.endpoint)
-        self._sync = zmq.Socket.shadow(self.sock.underlying)
-        self.send([cluster.READY, msgpack.packb(w.ready_info())])
-        self.last_heard = asyncio.get_running_loop().time()
+        sock: zmq.Socket[Any] = w.zctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(self.endpoint)
+        self._sync = sock
+        self.reader = SocketReader(sock, self._handle)
 
-    def _disconnect(self, why: str) -> None:
-        log.warning("broker %s: %s; cancelling its %d session(s)", self.endpoint, why, len(self.sessions))
-        self.registered.clear()
-        self.drop_all()
-        if self.sock is not None:
-            self.sock.close(0)
-        self.sock = None
-        self._sync = None
+    def _ready(self) -> None:
+        self.send([cluster.READY, msgpack.packb(self.worker.ready_info())])
 
     def drop_all(self) -> None:
         for s in list(self.sessions.values()):
@@ -140,49 +134,29 @@ class BrokerLink:
             self.client_session = None
 
     async def run(self) -> None:
+        """READY, then heartbeat; a silent broker loses its sessions and we register again."""
         loop = asyncio.get_running_loop()
         cfg = self.worker.config
         interval = cfg.heartbeat_ms / 1000
-        backoff = interval
+        self._connect()
+        self._ready()
+        self.last_heard = loop.time()
         while True:
-            self._connect()
-            assert self.sock is not None and self._sync is not None
-            next_hb = loop.time() + interval
-            alive = True
-            while alive:
-                timeout_ms = max(0, int((next_hb - loop.time()) * 1000))
-                try:
-                    ready: int = await self.sock.poll(timeout_ms, zmq.POLLIN)  # type: ignore[call-arg,assignment]
-                except zmq.ZMQError:
-                    ready = 0
-                if ready:
-                    for _ in range(512):
-                        try:
-                            msg = self._sync.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self.last_heard = loop.time()
-                        try:
-                            if not self._handle(msg):
-                                alive = False
-                                break
-                        except Exception:
-                            log.exception("error handling a broker message")
-                now = loop.time()
-                if now >= next_hb:
-                    self.send([cluster.HEARTBEAT, msgpack.packb(self.worker.activity())])
-                    next_hb = now + interval
-                if now - self.last_heard > interval * cfg.liveness:
-                    self._disconnect(f"silent for {cfg.liveness} heartbeats")
-                    alive = False
-                    await asyncio.sleep(backoff)  # reconnect backoff
-                    backoff = min(backoff * 2, cfg.reconnect_max_ms / 1000)
-            if self.sock is not None:
-                self._disconnect("registration must be renewed")
+            await asyncio.sleep(interval)  # the heartbeat period itself
+            now = loop.time()
             if self.registered.is_set():
-                backoff = interval
+                self.send([cluster.HEARTBEAT, msgpack.packb(self.worker.activity())])
+                if now - self.last_heard > interval * cfg.liveness:
+                    log.warning("broker %s silent for %d heartbeats; cancelling its %d session(s)",
+                                self.endpoint, cfg.liveness, len(self.sessions))
+                    self.registered.clear()
+                    self.drop_all()
+                    self._ready()
+            else:
+                self._ready()  # until the broker answers (it may be starting or restarting)
 
     def _handle(self, msg: list[bytes]) -> bool:
+        self.last_heard = self.reader.loop.time()
         cmd = msg[0]
         if cmd == cluster.FRAMES:
             cid = msg[1]
@@ -205,8 +179,10 @@ class BrokerLink:
                 self.client_session.data_received(msg[1])
         elif cmd == cluster.REFUSED:
             reason = msgpack.unpackb(msg[1]) if len(msg) > 1 else "?"
-            log.warning("broker %s refused us: %s", self.endpoint, reason)
-            return False
+            log.warning("broker %s refused us: %s; registering again", self.endpoint, reason)
+            if self.registered.is_set():
+                self.registered.clear()
+                self.drop_all()
         return True
 
     def _session(self, cid: bytes) -> ServerSession:
@@ -242,11 +218,11 @@ class Worker:
 
     def __init__(self, config: WorkerConfig, app_factory: Callable[[Worker], App]) -> None:
         self.config = config
-        self.zctx = zmq.asyncio.Context()
-        self.pub = self.zctx.socket(zmq.PUB)
+        self.zctx = zmq.Context()
+        self.pub: zmq.Socket[Any] = self.zctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
         self.pub.setsockopt(zmq.LINGER, 0)
-        self.bus = ZmqBus(zmq.Socket.shadow(self.pub.underlying))
+        self.bus = ZmqBus(self.pub)
         self.routes: dict[ServerSession, tuple[BrokerLink, bytes]] = {}
         self.dispatcher = Dispatcher(config.server, bus=self.bus, attach=self._attach)
         self.links = [BrokerLink(self, ep) for ep in config.brokers]
@@ -300,8 +276,9 @@ class Worker:
             await asyncio.sleep(0)
             await self.app.close()
             for link in self.links:
-                if link.sock is not None:
-                    link.sock.close(0)
+                if link._sync is not None:
+                    link.reader.close()
+                    link._sync.close(0)
             self.pub.close(0)
             self.zctx.term()
 
