@@ -197,6 +197,16 @@ class MessageStore:
         text that cannot be encoded as UTF-8 (lone surrogates) and
         ``RuntimeError`` once the store is closed.
         """
+        await self.append_nowait(message)
+
+    def append_nowait(self, message: StoredMessage) -> asyncio.Future[None]:
+        """Queue ``message`` now; the returned future completes once it is committed.
+
+        Rows are committed in the order of the calls (so a caller that assigns
+        ids and queues in one synchronous step keeps id order). The future
+        fails like :meth:`append`; ``ValueError`` and ``RuntimeError`` are
+        raised right away. Cancelling the future does not withdraw the row.
+        """
         if self._closed:
             raise RuntimeError("MessageStore is closed")
         for text in (message.room, message.user, message.content):
@@ -208,7 +218,7 @@ class MessageStore:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         self._queue.put((message, loop, fut))
-        await fut
+        return fut
 
     def _writer_main(self) -> None:
         conn = self._writer_conn
