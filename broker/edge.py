@@ -20,6 +20,7 @@ key must be read.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from zrpc.auth import TOKEN_EXPIRED_MESSAGE, expiry_delay
 from zrpc.codec import decompress
 from zrpc.protocol.connection import Connection, Role, Settings
 from zrpc.protocol.events import (
@@ -253,6 +255,8 @@ class EdgeSession(SessionBase):
         self._dirty: set[Upstream] = set()
         self.max_outbox = cfg.stream_config.max_buffered_messages
         self.hello_received = False
+        self.ip: str | None = None  # counted in the broker's per-IP limit while set
+        self._expiry: asyncio.TimerHandle | None = None
         self.up_settings = Settings(max_message_size=cfg.max_message_size,
                                     initial_stream_window=cfg.stream_config.buffer_size,
                                     initial_connection_window=2**31 - 1)
@@ -295,7 +299,9 @@ class EdgeSession(SessionBase):
                 self.identity = settings.get("principal")
                 self.claims = settings.get("claims") or {}
             elif self.broker.authenticator is not None:
-                self.identity, self.claims = self.broker.authenticator(settings, self.peer)
+                identity, claims = self.broker.authenticator(settings, self.peer)
+                if identity is not None or self.identity is None:  # no token: keep a cert identity
+                    self.identity, self.claims = identity, claims
         except RpcError as exc:
             self.conn.close(exc.status, exc.message)
             self.terminate(exc.status, exc.message)
@@ -303,7 +309,20 @@ class EdgeSession(SessionBase):
         self.conn.send_hello()
         self.hello_received = True
         self.start_keepalive()
+        if self.internal_worker is None:
+            delay = expiry_delay(self.broker.authenticator, self.claims)
+            if delay is not None:
+                self._expiry = self.loop.call_later(delay, self._token_expired)
         return True
+
+    def _token_expired(self) -> None:
+        """The token's ``exp`` passed: end every stream and the connection with UNAUTHENTICATED."""
+        if self.closed:
+            return
+        for relay in list(self.relays.values()):
+            relay.fail(Status.UNAUTHENTICATED, TOKEN_EXPIRED_MESSAGE)
+        self.conn.close(Status.UNAUTHENTICATED, TOKEN_EXPIRED_MESSAGE)
+        self.terminate(Status.UNAUTHENTICATED, TOKEN_EXPIRED_MESSAGE)
 
     def _open(self, ev: StreamOpened) -> None:
         sid = ev.stream_id
@@ -311,8 +330,19 @@ class EdgeSession(SessionBase):
         local = broker.local_methods.get(ev.method)
         route = broker.registry.methods.get(ev.method)
         if local is None and route is None:
-            self.conn.send_status(sid, Status.UNIMPLEMENTED, f"unknown method {ev.method!r}")
-            broker.metrics.call_done(ev.method, Status.UNIMPLEMENTED)
+            if broker.registry.all_shards_owned():
+                code, why = Status.UNIMPLEMENTED, f"unknown method {ev.method!r}"
+            else:  # starting up: not every worker has announced its methods yet
+                code, why = Status.UNAVAILABLE, f"{ev.method!r} is not available yet: workers are starting"
+            self.conn.send_status(sid, code, why)
+            broker.metrics.call_done(ev.method, code)
+            return
+        if (self.identity is None and broker.authenticator is not None
+                and self.internal_worker is None and not ev.method.startswith("Health/")):
+            self.conn.send_status(sid, Status.UNAUTHENTICATED,
+                                  f"{ev.method} requires authentication: connect with a token "
+                                  "(zrpc --token / ZRPC_TOKEN) or a client certificate")
+            broker.metrics.call_done(ev.method, Status.UNAUTHENTICATED)
             return
         relay = Relay(self, sid, ev.method, ev.timeout_ms, ev.metadata,
                       route.shard_key if route is not None else None)
@@ -447,6 +477,8 @@ class EdgeSession(SessionBase):
 
     # ------------------------------------------------------------ closing
     def on_closed(self, error: RpcError) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
         self.flush()  # frames the client sent before it went away still reach the workers, before X
         for relay in list(self.relays.values()):
             relay.finish(cancel_upstream=False)
