@@ -389,6 +389,34 @@ def test_cancelling_task_blocked_in_bidi_receive_cancels_handler(transport: str)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
+def test_cancelling_task_blocked_in_send_cancels_handler(transport: str) -> None:
+    """A sender waiting for credit that gets cancelled abandons the call (the handler is cancelled)."""
+    async def main() -> None:
+        probe = Probe()
+        small = zrpc.ServerConfig(stream_config=zrpc.StreamConfig(buffer_size=1024))
+        async with serve(transport, make_service(probe), server_config=small) as (_, client):
+            both = await client.bidirectional_stream("T/HangChat", Note, Note)
+            sent = 0
+
+            async def flood() -> None:
+                nonlocal sent
+                for _ in range(100):
+                    await both.send(Note("x" * 600))
+                    sent += 1
+
+            task = asyncio.create_task(flood())
+            await asyncio.wait_for(probe.started.wait(), 5)
+            await eventually(lambda: sent >= 1 and client.session is not None
+                             and client.session.conn.send_credit(both.stream_id) <= 0, what="sender blocked")
+            assert not task.done() and sent < 100
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.wait_for(probe.cancelled.wait(), 5)
+    run(main())
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_server_abort_status_reaches_client(transport: str) -> None:
     async def main() -> None:
         async with serve(transport, make_service(Probe())) as (_, client):

@@ -100,15 +100,19 @@ class ClientCall:
 
     async def send(self, message: Any, end_stream: bool = False) -> None:
         payload, compressed = compress(encode(message), self.threshold)
-        await self.io.send_raw(payload, compressed, end_stream)
+        try:
+            await self.io.send_raw(payload, compressed, end_stream)
+        except asyncio.CancelledError:  # abandoned while waiting for credit: abandon the call
+            self.cancel()
+            raise
 
     async def recv(self) -> Any:
-        payload = await self.io.recv_raw()
-        if payload is None:
-            return None
         try:
+            payload = await self.io.recv_raw()
+            if payload is None:
+                return None
             return decode(self.resp_type, payload)
-        except DecodeError as exc:
+        except DecodeError as exc:  # bad MessagePack, wrong types, or a corrupt compressed message
             self.cancel(Status.INTERNAL, f"undecodable response: {exc}")
             raise RpcError(Status.INTERNAL, f"undecodable response: {exc}") from None
 

@@ -389,6 +389,11 @@ class Connection:
     def has_data_to_send(self) -> bool:
         return bool(self._out)
 
+    @property
+    def highest_stream_id(self) -> int:
+        """Server: the highest stream id the client has opened so far (0: none yet)."""
+        return self._highest_id
+
     def send_hello(self, extra: dict[str, Any] | None = None) -> None:
         """Announce our settings (the client first; the server to accept the client)."""
         if self.hello_sent:
@@ -444,6 +449,8 @@ class Connection:
         st = self.streams.get(sid)
         if st is None:
             raise StreamClosed(f"stream {sid} is closed")
+        if (st.state, _E.SEND_MESSAGE) not in TRANSITIONS:
+            raise StreamClosed(f"cannot send on stream {sid} in state {st.state.value}")
         return min(st.send_window, self._send_conn_window)
 
     def send_message(self, sid: int, payload: bytes, *, end_stream: bool = False,
