@@ -28,11 +28,13 @@ from broker.edge import EdgeSession
 from broker.metrics import BrokerMetrics
 from broker.registry import WorkerInfo, WorkerRegistry
 from broker.supervisor import Supervisor, WorkerSpec
+from broker.web import WebServer
 from zrpc import cluster
 from zrpc.client import parse_address
 from zrpc.config import ServerConfig
 from zrpc.dispatch import Authenticator
 from zrpc.fanout import FanOut
+from zrpc.limits import CLOSE_LINGER_S, IdleTimer, IpCounter, peer_ip, refuse_connection
 from zrpc.sharding import shard_for
 from zrpc.status import Status
 from zrpc.tls import TlsConfig, peer_identity, zrpc_home
@@ -56,6 +58,8 @@ class BrokerConfig:
     liveness: int = 3
     server: ServerConfig = field(default_factory=ServerConfig)
     metrics_port: int | None = None
+    web_port: int | None = None               # HTTPS chat page + zrpc over WebSocket (broker/web.py)
+    web_origins: tuple[str, ...] = ()         # origins besides the page's own allowed to open /zrpc
     log_level: str = "INFO"
     worker_args: tuple[str, ...] = ()
 
@@ -71,28 +75,57 @@ class _EdgeProtocol(asyncio.Protocol):
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.session: EdgeSession | None = None
+        self.transport: Any = None
         self._timer: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
+        self._idle: IdleTimer | None = None
 
     def connection_made(self, transport: Any) -> None:  # uvloop's transports are not asyncio.Transport
         broker = self.broker
         cfg = broker.config.server
-        if len(broker.sessions) >= cfg.max_connections or broker.stopping:
-            transport.abort()
+        if broker.stopping:
+            refuse_connection(transport, Status.UNAVAILABLE, "server is shutting down")
             return
+        if len(broker.sessions) - len(broker.internal) >= cfg.max_connections:  # clients only
+            log.warning("refusing connection: max_connections (%d) reached", cfg.max_connections)
+            refuse_connection(transport, Status.UNAVAILABLE,
+                              f"max_connections ({cfg.max_connections}) reached; retry later")
+            return
+        ip = peer_ip(transport)
+        if not broker.per_ip.try_add(ip):
+            log.warning("refusing connection from %s: max_connections_per_ip (%d) reached",
+                        ip, cfg.max_connections_per_ip)
+            refuse_connection(transport, Status.RESOURCE_EXHAUSTED,
+                              f"max_connections_per_ip ({cfg.max_connections_per_ip}) reached for {ip}")
+            return
+        self.transport = transport
         peername = transport.get_extra_info("peername")
         peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
-        s = EdgeSession(broker, broker.next_cid(), transport.write, transport.close, peer=peer)
+        s = EdgeSession(broker, broker.next_cid(), transport.write, self._close_transport, peer=peer)
+        s.ip = ip  # released by Broker.session_closed
         ssl_obj = transport.get_extra_info("ssl_object")
         if ssl_obj is not None:
             s.identity = peer_identity(ssl_obj)
         self.session = s
         broker.sessions[s.cid] = s
         self._timer = s.loop.call_later(cfg.handshake_timeout_ms / 1000, self._expired)
+        if cfg.idle_timeout_ms:
+            self._idle = IdleTimer(s, cfg.idle_timeout_ms)
+
+    def _close_transport(self) -> None:
+        """Close the socket; abort it if the peer does not finish the TLS close promptly."""
+        if self._idle is not None:
+            self._idle.cancel()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+            self._linger = asyncio.get_running_loop().call_later(CLOSE_LINGER_S, transport.abort)
 
     def _expired(self) -> None:
         s = self.session
         if s is not None and not s.hello_received:
-            s.conn.close(Status.DEADLINE_EXCEEDED, "no HELLO within handshake_timeout_ms")
+            s.conn.close(Status.DEADLINE_EXCEEDED, "no HELLO within handshake_timeout_ms "
+                         f"({self.broker.config.server.handshake_timeout_ms})")
             s.terminate(Status.DEADLINE_EXCEEDED, "handshake timeout")
 
     def data_received(self, data: bytes) -> None:
@@ -106,6 +139,10 @@ class _EdgeProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._linger is not None:
+            self._linger.cancel()
+        if self._idle is not None:
+            self._idle.cancel()
         if self.session is not None:
             self.session.connection_lost(exc)
 
@@ -123,6 +160,7 @@ class Broker:
         self.fanout = FanOut(on_gap=self._gap, on_empty=self.unsubscribe)
         self.metrics = BrokerMetrics()
         self.sessions: dict[bytes, EdgeSession] = {}
+        self.per_ip = IpCounter(self.config.server.max_connections_per_ip)
         self.internal: dict[bytes, EdgeSession] = {}
         self.local_methods: dict[str, Any] = {
             "Health/Check": self._health,
@@ -139,6 +177,7 @@ class Broker:
         self.supervisor: Supervisor | None = None
         self.address: tuple[str, int] | None = None
         self.router_endpoint = ""
+        self.web: WebServer | None = None
 
     # ------------------------------------------------------------ builtins
     def _health(self, request: Any) -> dict[str, Any]:
@@ -191,6 +230,9 @@ class Broker:
             ssl_handshake_timeout=cfg.server.handshake_timeout_ms / 1000 if ctx else None)
         name = self._server.sockets[0].getsockname()
         self.address = (name[0], name[1])
+        if cfg.web_port is not None:
+            self.web = WebServer(self, WebServer.context_for(ctx, tls), host, cfg.web_port, cfg.web_origins)
+            await self.web.start()
         if cfg.metrics_port is not None:
             self.metrics.bind(self)
             self.metrics.serve(cfg.metrics_port)
@@ -342,6 +384,9 @@ class Broker:
 
     def session_closed(self, s: EdgeSession) -> None:
         self.sessions.pop(s.cid, None)
+        if s.ip is not None:
+            self.per_ip.release(s.ip)
+            s.ip = None
 
     # ------------------------------------------------------------ shutdown
     async def shutdown(self, grace: float | None = None) -> None:
@@ -353,6 +398,8 @@ class Broker:
         grace = self.config.server.shutdown_grace_ms / 1000 if grace is None else grace
         if self._server is not None:
             self._server.close()
+        if self.web is not None:
+            self.web.close()
         clients = [s for s in self.sessions.values() if s.internal_worker is None]
         for s in clients:
             s.conn.goaway(Status.OK, "server is shutting down")
@@ -380,6 +427,8 @@ class Broker:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
+        if self.web is not None:
+            await self.web.wait_closed()
         if self._own_runtime is not None:
             shutil.rmtree(self._own_runtime, ignore_errors=True)
         self._stopped.set()

@@ -57,6 +57,29 @@ SHARD_KEY_HEADER = "zrpc-shard-key"
 _END = object()  # marker in a relay's inbound queue: the client half-closed
 
 
+#: Largest request (after inflating) the broker's own methods (Health/Check...) accept.
+LOCAL_REQUEST_LIMIT = 64 * 1024
+#: Top-level fields of a first message scanned for the shard key (a hostile map of 300k
+#: entries would otherwise hold the broker's loop for ~150 ms per message).
+MAX_KEY_SCAN = 256
+
+
+def shard_key(payload: bytes, field: str | None) -> Any:
+    """The value of ``field`` in a MessagePack map, without decoding the other values.
+
+    Scans at most :data:`MAX_KEY_SCAN` entries; other values are skipped in C,
+    never built. Raises on input that is not a map.
+    """
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(payload), 1), raw=False,
+                                strict_map_key=False)
+    unpacker.feed(payload)
+    for _ in range(min(unpacker.read_map_header(), MAX_KEY_SCAN)):
+        if unpacker.unpack() == field:
+            return unpacker.unpack()
+        unpacker.skip()
+    return None
+
+
 class Upstream:
     """One virtual connection from an edge session to one worker."""
 
@@ -334,14 +357,17 @@ class EdgeSession(SessionBase):
                 code, why = Status.UNIMPLEMENTED, f"unknown method {ev.method!r}"
             else:  # starting up: not every worker has announced its methods yet
                 code, why = Status.UNAVAILABLE, f"{ev.method!r} is not available yet: workers are starting"
-            self.conn.send_status(sid, code, why)
-            broker.metrics.call_done(ev.method, code)
+            if sid in self.conn.streams:  # a RESET in the same read may have ended it already
+                self.conn.send_status(sid, code, why)
+            # one label for every unknown name: clients must not grow the metrics without bound
+            broker.metrics.call_done("(unknown)", code)
             return
         if (self.identity is None and broker.authenticator is not None
                 and self.internal_worker is None and not ev.method.startswith("Health/")):
-            self.conn.send_status(sid, Status.UNAUTHENTICATED,
-                                  f"{ev.method} requires authentication: connect with a token "
-                                  "(zrpc --token / ZRPC_TOKEN) or a client certificate")
+            if sid in self.conn.streams:
+                self.conn.send_status(sid, Status.UNAUTHENTICATED,
+                                      f"{ev.method} requires authentication: connect with a token "
+                                      "(zrpc --token / ZRPC_TOKEN) or a client certificate")
             broker.metrics.call_done(ev.method, Status.UNAUTHENTICATED)
             return
         relay = Relay(self, sid, ev.method, ev.timeout_ms, ev.metadata,
@@ -354,7 +380,9 @@ class EdgeSession(SessionBase):
 
     def answer_local(self, relay: Relay, payload: bytes, compressed: bool) -> None:
         try:
-            request = msgpack.unpackb(decompress(payload, self.conn.local.max_message_size)
+            if len(payload) > LOCAL_REQUEST_LIMIT:  # the builtins take {}: never decode megabytes
+                raise ValueError(f"requests to {relay.method} are limited to {LOCAL_REQUEST_LIMIT} bytes")
+            request = msgpack.unpackb(decompress(payload, LOCAL_REQUEST_LIMIT)
                                       if compressed else payload)
             assert relay.local is not None
             reply = msgpack.packb(relay.local(request))
@@ -380,9 +408,8 @@ class EdgeSession(SessionBase):
                                f"(its {relay.key_field!r} field picks the shard)", cancel_upstream=False)
                     return
                 try:
-                    body = msgpack.unpackb(decompress(payload, self.conn.local.max_message_size)
-                                           if compressed else payload)
-                    key = body[relay.key_field] if isinstance(body, dict) else None
+                    key = shard_key(decompress(payload, self.conn.local.max_message_size)
+                                    if compressed else payload, relay.key_field)
                 except Exception:
                     key = None
                 if not isinstance(key, str):

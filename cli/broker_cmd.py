@@ -13,6 +13,7 @@ import click
 
 from broker.broker import Broker, BrokerConfig
 from cli.common import LOG_LEVELS, run_async, setup_logging, tls_from_options
+from zrpc.auth import JwtAuthenticator
 from zrpc.config import ServerConfig, StreamConfig
 
 __all__ = ["main"]
@@ -23,6 +24,25 @@ log = logging.getLogger("zrpc.broker")
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """The zrpc broker: TLS front end, shard workers over ZeroMQ, room fan-out."""
+
+
+def _authenticator(secret: str | None, public_key_file: str | None, audience: str | None,
+                   issuer: str | None, leeway: float) -> JwtAuthenticator | None:
+    if secret is not None and public_key_file is not None:
+        raise click.UsageError("--auth-secret and --auth-public-key are mutually exclusive")
+    if secret is None and public_key_file is None:
+        if audience or issuer:
+            raise click.UsageError("--auth-audience/--auth-issuer need --auth-secret or --auth-public-key")
+        return None
+    try:
+        if secret is not None:
+            return JwtAuthenticator(secret=secret, audience=audience, issuer=issuer, leeway=leeway)
+        assert public_key_file is not None
+        with open(public_key_file, "rb") as f:
+            key = f.read()
+        return JwtAuthenticator(public_key=key, audience=audience, issuer=issuer, leeway=leeway)
+    except (ValueError, OSError) as exc:
+        raise click.UsageError(f"authentication: {exc}") from None
 
 
 @main.command()
@@ -50,6 +70,28 @@ def main() -> None:
 @click.option("--liveness", type=int, default=3, show_default=True, envvar="ZRPC_LIVENESS",
               help="Missed heartbeats before a worker is declared dead.")
 @click.option("--max-connections", type=int, default=10_000, show_default=True, envvar="ZRPC_MAX_CONNECTIONS")
+@click.option("--max-connections-per-ip", type=click.IntRange(min=1), default=1000, show_default=True,
+              envvar="ZRPC_MAX_CONNECTIONS_PER_IP",
+              help="Connections one client IP may hold; past it RESOURCE_EXHAUSTED.")
+@click.option("--idle-timeout-ms", type=click.IntRange(min=0), default=600_000, show_default=True,
+              envvar="ZRPC_IDLE_TIMEOUT_MS",
+              help="Close connections that had no stream for this long (0: never).")
+@click.option("--auth-secret", default=None, envvar="ZRPC_AUTH_SECRET",
+              help="Require JWT bearer tokens signed with this HMAC secret (HS256).")
+@click.option("--auth-public-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              envvar="ZRPC_AUTH_PUBLIC_KEY",
+              help="Require JWT bearer tokens signed by this public key (PEM; RS256/ES256).")
+@click.option("--auth-audience", default=None, envvar="ZRPC_AUTH_AUDIENCE",
+              help="Tokens must carry this audience (aud).")
+@click.option("--auth-issuer", default=None, envvar="ZRPC_AUTH_ISSUER",
+              help="Tokens must carry this issuer (iss).")
+@click.option("--auth-leeway", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              envvar="ZRPC_AUTH_LEEWAY", help="Seconds of clock skew tolerated on exp/nbf.")
+@click.option("--chat-rate-per-s", type=click.FloatRange(min=0), default=None,
+              envvar="ZRPC_CHAT_RATE_PER_S",
+              help="Messages per second each chat user may send (default 50; 0: unlimited).")
+@click.option("--chat-rate-burst", type=click.IntRange(min=1), default=None,
+              envvar="ZRPC_CHAT_RATE_BURST", help="Chat messages a user may send at once (default 100).")
 @click.option("--max-message-size", type=int, default=4 * 1024 * 1024, show_default=True,
               envvar="ZRPC_MAX_MESSAGE_SIZE")
 @click.option("--max-buffered-messages", type=int, default=4096, show_default=True,
@@ -66,14 +108,25 @@ def main() -> None:
 @click.option("--log-level", type=LOG_LEVELS, default="INFO", show_default=True, envvar="ZRPC_LOG_LEVEL")
 @click.option("--debug-frames", is_flag=True, envvar="ZRPC_DEBUG_FRAMES",
               help="Trace every frame at DEBUG level (enable_debug_logging).")
+@click.option("--web-port", type=click.IntRange(0, 65535), default=None, envvar="ZRPC_WEB_PORT",
+              help="Serve the chat page over HTTPS on this port (same host and TLS as --listen) "
+                   "with zrpc over WebSocket at /zrpc; 0 picks a free port. Off by default.")
+@click.option("--web-origin", "web_origins", multiple=True, envvar="ZRPC_WEB_ORIGIN",
+              help="Also accept WebSockets from pages of this origin (e.g. https://chat.example.com); "
+                   "repeatable. The page's own origin is always accepted.")
 @click.option("--ready-file", type=click.Path(dir_okay=False), default=None, envvar="ZRPC_READY_FILE",
-              help="Write {address, pid, router} as JSON here once every shard has a live worker.")
+              help="Write {address, pid, router, web} as JSON here once every shard has a live worker "
+                   "(web: HOST:PORT of --web-port, when on).")
 def start(listen: str, workers: int, shards: int | None, data_dir: str | None, router: str | None,
           runtime_dir: str | None, cert: str | None, key: str | None, ca: str | None,
           require_client_cert: bool, insecure: bool, heartbeat_ms: int, liveness: int,
-          max_connections: int, max_message_size: int, max_buffered_messages: int,
+          max_connections: int, max_connections_per_ip: int, idle_timeout_ms: int,
+          auth_secret: str | None, auth_public_key: str | None, auth_audience: str | None,
+          auth_issuer: str | None, auth_leeway: float, chat_rate_per_s: float | None,
+          chat_rate_burst: int | None, max_message_size: int, max_buffered_messages: int,
           stream_window: int, grace: float, metrics_port: int | None,
-          app_ref: str | None, log_level: str, debug_frames: bool, ready_file: str | None) -> None:
+          app_ref: str | None, log_level: str, debug_frames: bool, web_port: int | None,
+          web_origins: tuple[str, ...], ready_file: str | None) -> None:
     """Start the broker and its shard workers; runs until SIGTERM/SIGINT.
 
     Clients connect to --listen with TLS (development certificates under
@@ -92,12 +145,22 @@ def start(listen: str, workers: int, shards: int | None, data_dir: str | None, r
         streams = StreamConfig(buffer_size=stream_window, max_buffered_messages=max_buffered_messages)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    authenticator = _authenticator(auth_secret, auth_public_key, auth_audience, auth_issuer,
+                                   auth_leeway)
+    # The workers (spawned with this environment) build their chat service from it.
+    if chat_rate_per_s is not None:
+        os.environ["ZRPC_CHAT_RATE_PER_S"] = str(chat_rate_per_s)
+    if chat_rate_burst is not None:
+        os.environ["ZRPC_CHAT_RATE_BURST"] = str(chat_rate_burst)
     server = replace(ServerConfig(), max_connections=max_connections, max_message_size=max_message_size,
+                     max_connections_per_ip=max_connections_per_ip,
+                     idle_timeout_ms=idle_timeout_ms or None, authenticator=authenticator,
                      shutdown_grace_ms=int(grace * 1000), enable_debug_logging=debug_frames,
                      stream_config=streams)
     config = BrokerConfig(listen=listen, tls=tls, workers=workers, shards=shards, data_dir=data_dir,
                           runtime_dir=runtime_dir, router=router, heartbeat_ms=heartbeat_ms,
                           liveness=liveness, server=server, metrics_port=metrics_port,
+                          web_port=web_port, web_origins=tuple(web_origins),
                           log_level=log_level, worker_args=("--app", app_ref) if app_ref else ())
 
     async def run() -> None:
@@ -108,10 +171,21 @@ def start(listen: str, workers: int, shards: int | None, data_dir: str | None, r
             loop.add_signal_handler(sig, stop.set)
         if insecure:
             log.warning("PLAINTEXT listener: no TLS, development only")
-        log.warning("authentication is off: clients name themselves")
+        if authenticator is None and not require_client_cert:
+            log.warning("authentication is off: clients name themselves "
+                        "(see --auth-secret / --auth-public-key, or mutual TLS)")
+        elif authenticator is None:
+            log.info("authentication: mutual TLS (the client certificate's CN is the identity)")
+        else:
+            log.info("authentication: JWT (%s); anonymous clients may only call Health/*",
+                     ", ".join(authenticator.algorithms))
         host, port = await broker.start()
         click.echo(f"zrpc broker listening on {host}:{port} ({workers} worker(s), "
                    f"{config.shard_count} shard(s)); Ctrl-C to stop", err=True)
+        web = broker.web.address if broker.web is not None else None
+        if broker.web is not None and web is not None:
+            click.echo(f"chat page: {broker.web.scheme}://{'localhost' if web[0] in ('127.0.0.1', '::1') else web[0]}"
+                       f":{web[1]}/", err=True)
 
         async def announce() -> None:
             await broker.registry_ready()
@@ -119,7 +193,8 @@ def start(listen: str, workers: int, shards: int | None, data_dir: str | None, r
                 tmp = ready_file + ".tmp"
                 with open(tmp, "w") as f:
                     json.dump({"address": f"{host}:{port}", "pid": os.getpid(),
-                               "router": broker.router_endpoint}, f)
+                               "router": broker.router_endpoint,
+                               **({"web": f"{web[0]}:{web[1]}"} if web else {})}, f)
                 os.replace(tmp, ready_file)
             log.info("all %d shard(s) have a live worker: serving", config.shard_count)
 

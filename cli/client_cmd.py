@@ -29,6 +29,7 @@ import click
 import zrpc
 from cli.common import run_async
 from cli.output import Output, format_time, from_json
+from cli.token_cmd import token
 from zrpc.client import Client, parse_address
 from zrpc.config import ClientConfig
 from zrpc.status import RpcError, Status
@@ -845,6 +846,8 @@ async def _call(s: Settings, client: Client, method: str, kind: str, has_arg: bo
     else:
         raise RpcError(Status.UNIMPLEMENTED, f"{method} has unknown kind {kind!r}")
 
+
+main.add_command(token)
 
 if __name__ == "__main__":
     main()

@@ -52,6 +52,8 @@ class ServerConfig:
     """In-process server (and broker edge) limits."""
 
     max_connections: int = 10_000
+    max_connections_per_ip: int = 1000         # past it: GOAWAY RESOURCE_EXHAUSTED before HELLO
+    idle_timeout_ms: int | None = 600_000      # close connections with no stream this long (None: off)
     request_timeout_ms: int | None = None     # default deadline for calls that send none
     enable_debug_logging: bool = False         # trace every frame at DEBUG level
     max_concurrent_streams: int = 1024

@@ -17,6 +17,7 @@ from typing import Any
 
 import msgpack
 
+from zrpc.auth import TOKEN_EXPIRED_MESSAGE, expiry_delay
 from zrpc.codec import DecodeError, compress, decode, encode
 from zrpc.config import ServerConfig
 from zrpc.context import RequestContext
@@ -41,6 +42,8 @@ log = logging.getLogger("zrpc.server")
 
 AttachHook = Callable[["ServerCall", str, int], None]
 #: (hello fields, peer) -> (identity, claims); raise RpcError to refuse the connection.
+#: One with a ``leeway`` attribute (zrpc.auth.JwtAuthenticator) also has the claims' ``exp``
+#: enforced: the connection is closed with UNAUTHENTICATED when it passes.
 Authenticator = Callable[[dict[str, Any], Any], tuple[str | None, dict[str, Any]]]
 
 
@@ -234,6 +237,7 @@ class ServerSession(SessionBase):
         self.idle = asyncio.Event()
         self.idle.set()
         self.hello_received = asyncio.Event()
+        self._expiry: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
         events = self.conn.receive_data(data, self.loop.time())
@@ -267,7 +271,9 @@ class ServerSession(SessionBase):
     def _hello(self, settings: dict[str, Any]) -> bool:
         try:
             if self.authenticator is not None:
-                self.identity, self.claims = self.authenticator(settings, self.peer)
+                identity, claims = self.authenticator(settings, self.peer)
+                if identity is not None or self.identity is None:  # no token: keep a cert identity
+                    self.identity, self.claims = identity, claims
         except RpcError as exc:
             self.conn.close(exc.status, exc.message)
             self.terminate(exc.status, exc.message)
@@ -275,13 +281,26 @@ class ServerSession(SessionBase):
         self.conn.send_hello()
         self.hello_received.set()
         self.start_keepalive()
+        delay = expiry_delay(self.authenticator, self.claims)
+        if delay is not None:
+            self._expiry = self.loop.call_later(delay, self._token_expired)
         return True
+
+    def _token_expired(self) -> None:
+        """The token's ``exp`` passed: end every call and the connection with UNAUTHENTICATED."""
+        if self.closed:
+            return
+        for call in list(self.calls.values()):
+            call.abort(Status.UNAUTHENTICATED, TOKEN_EXPIRED_MESSAGE)
+        self.conn.close(Status.UNAUTHENTICATED, TOKEN_EXPIRED_MESSAGE)
+        self.terminate(Status.UNAUTHENTICATED, TOKEN_EXPIRED_MESSAGE)
 
     def _open(self, ev: StreamOpened) -> None:
         method = self.dispatcher.methods.get(ev.method)
         sid = ev.stream_id
         if method is None:
-            self.conn.send_status(sid, Status.UNIMPLEMENTED, f"unknown method {ev.method!r}")
+            if sid in self.conn.streams:  # a RESET in the same read may have ended it already
+                self.conn.send_status(sid, Status.UNIMPLEMENTED, f"unknown method {ev.method!r}")
             return
         cfg = self.dispatcher.config
         timeout_ms = ev.timeout_ms if ev.timeout_ms is not None else cfg.request_timeout_ms
@@ -311,5 +330,7 @@ class ServerSession(SessionBase):
         self.flush()
 
     def on_closed(self, error: RpcError) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
         for call in list(self.calls.values()):
             call.peer_reset(error.status, error.message)

@@ -23,6 +23,7 @@ from zrpc.config import ServerConfig
 from zrpc.context import RequestContext
 from zrpc.dispatch import Authenticator, Dispatcher, ServerCall, ServerSession
 from zrpc.fanout import FanOut
+from zrpc.limits import IdleTimer, IpCounter, peer_ip, refuse_connection
 from zrpc.service import Service
 from zrpc.status import Status
 from zrpc.tls import ALPN_PROTOCOL, TlsConfig, peer_identity
@@ -71,16 +72,29 @@ class _ServerProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._handshake: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
+        self._idle: IdleTimer | None = None
+        self._ip: str | None = None  # counted in server.per_ip while set
 
     def connection_made(self, transport: Any) -> None:  # uvloop's transports are not asyncio.Transport
         self.transport = transport
         server = self.server
         cfg = server.config
-        if len(server.sessions) >= cfg.max_connections or not server.dispatcher.serving:
-            log.warning("refusing connection: max_connections (%d) reached or shutting down",
-                        cfg.max_connections)
-            transport.abort()
+        if not server.dispatcher.serving:
+            refuse_connection(transport, Status.UNAVAILABLE, "server is shutting down")
             return
+        if len(server.sessions) >= cfg.max_connections:
+            log.warning("refusing connection: max_connections (%d) reached", cfg.max_connections)
+            refuse_connection(transport, Status.UNAVAILABLE,
+                              f"max_connections ({cfg.max_connections}) reached; retry later")
+            return
+        ip = peer_ip(transport)
+        if not server.per_ip.try_add(ip):
+            log.warning("refusing connection from %s: max_connections_per_ip (%d) reached",
+                        ip, cfg.max_connections_per_ip)
+            refuse_connection(transport, Status.RESOURCE_EXHAUSTED,
+                              f"max_connections_per_ip ({cfg.max_connections_per_ip}) reached for {ip}")
+            return
+        self._ip = ip
         peername = transport.get_extra_info("peername")
         peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
         session = ServerSession(server.dispatcher, transport.write, self._close_transport, peer=peer,
@@ -93,6 +107,17 @@ class _ServerProtocol(asyncio.Protocol):
         server.sessions.add(session)
         loop = session.loop
         self._handshake = loop.call_later(cfg.handshake_timeout_ms / 1000, self._handshake_expired)
+        if cfg.idle_timeout_ms:
+            self._idle = IdleTimer(session, cfg.idle_timeout_ms)
+
+    def _release(self) -> None:
+        """Free the connection's per-IP slot and timers (once)."""
+        if self._ip is not None:
+            self.server.per_ip.release(self._ip)
+            self._ip = None
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
 
     def _close_transport(self) -> None:
         """The session is over: free its slot now and close the socket.
@@ -103,6 +128,7 @@ class _ServerProtocol(asyncio.Protocol):
         """
         if self.session is not None:
             self.server.sessions.discard(self.session)
+        self._release()
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.close()
@@ -111,7 +137,8 @@ class _ServerProtocol(asyncio.Protocol):
     def _handshake_expired(self) -> None:
         s = self.session
         if s is not None and not s.hello_received.is_set():
-            s.conn.close(Status.DEADLINE_EXCEEDED, "no HELLO within handshake_timeout_ms")
+            s.conn.close(Status.DEADLINE_EXCEEDED,
+                         f"no HELLO within handshake_timeout_ms ({self.server.config.handshake_timeout_ms})")
             s.terminate(Status.DEADLINE_EXCEEDED, "handshake timeout")
 
     def data_received(self, data: bytes) -> None:
@@ -127,6 +154,7 @@ class _ServerProtocol(asyncio.Protocol):
             self._handshake.cancel()
         if self._linger is not None:
             self._linger.cancel()
+        self._release()
         if self.session is not None:
             self.session.connection_lost(exc)
             self.server.sessions.discard(self.session)
@@ -145,6 +173,7 @@ class Server:
         self.dispatcher.add_service(builtin_services(self.dispatcher))
         self.authenticator = authenticator or self.config.authenticator
         self.sessions: set[ServerSession] = set()
+        self.per_ip = IpCounter(self.config.max_connections_per_ip)
         self._binds: list[tuple[str, TlsConfig]] = []
         self._servers: list[asyncio.Server] = []
         self._stopped: asyncio.Event | None = None

@@ -49,8 +49,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from workers.chat.ratelimit import RateLimiter
 from workers.chat.rooms import Room, RoomTable
 from workers.chat.store import MessageStore, StoreConfig, StoredMessage
+from zrpc.auth import authorize_room
 from zrpc.chat import (
     CHAT,
     JOIN_CHAT,
@@ -102,7 +104,12 @@ class ChatConfig:
     ``max_batch_inflight`` how many messages of one ``SendMessageBatch`` may
     wait for their commit at once. Past ``rooms_in_memory`` rooms, idle ones
     (no members, nothing in flight) are dropped from memory; their history
-    stays in the store and their ids continue.
+    stays in the store and their ids continue. Each user (the identity when
+    authenticated) may send ``rate_per_s`` messages per second, ``rate_burst``
+    at once (0: unlimited): ``SendMessage`` past it fails with
+    RESOURCE_EXHAUSTED and ``details {"retry_after_ms": N}``; batch and
+    ``JoinChat`` messages are paced instead, unless the wait would pass the
+    call's deadline or ``rate_max_wait_ms``.
     """
 
     store_path: str = ""
@@ -119,10 +126,16 @@ class ChatConfig:
     history_page: int = 500
     max_batch_inflight: int = 1024
     rooms_in_memory: int = 10_000
+    rate_per_s: float = 50.0        # messages per second per user (0: unlimited)
+    rate_burst: int = 100           # messages a user may send at once
+    rate_max_wait_ms: int = 10_000  # streams wait (are paced) at most this long for the rate
 
     def __post_init__(self) -> None:
         if not self.store_path and not self.data_dir:
             raise ValueError("ChatConfig needs store_path or data_dir")
+        if self.rate_per_s < 0 or self.rate_burst < 1 or self.rate_max_wait_ms < 0:
+            raise ValueError("ChatConfig: rate_per_s must be >= 0, rate_burst >= 1, "
+                             "rate_max_wait_ms >= 0")
         for name in ("max_content_bytes", "max_room_name", "max_user_name", "history_page",
                      "max_batch_inflight", "rooms_in_memory"):
             if getattr(self, name) < 1:
@@ -189,6 +202,8 @@ class ChatService:
         self._closing = False
         self._service: Service | None = None
         self._sweep_at = config.rooms_in_memory
+        self.limiter = (RateLimiter(config.rate_per_s, config.rate_burst)
+                        if config.rate_per_s > 0 else None)
 
     # ------------------------------------------------------------ wiring
     def build(self) -> Service:
@@ -302,6 +317,41 @@ class ChatService:
         if err:
             raise RpcError(Status.INVALID_ARGUMENT, err)
 
+    @staticmethod
+    def _authorize(ctx: RequestContext, room: str) -> None:
+        """PERMISSION_DENIED unless an authenticated caller's ``rooms`` claim allows ``room``."""
+        if ctx.identity is not None:
+            authorize_room(ctx, room)
+
+    def _rate_error(self, user: str, wait: float, details: dict[str, Any] | None = None) -> RpcError:
+        cfg = self.config
+        ms = max(1, int(wait * 1000 + 0.999))
+        return RpcError(Status.RESOURCE_EXHAUSTED,
+                        f"rate limit: {user!r} may send {cfg.rate_per_s:g} messages/s "
+                        f"(burst {cfg.rate_burst}, ChatConfig.rate_per_s/rate_burst); "
+                        f"retry in {ms} ms", {**(details or {}), "retry_after_ms": ms})
+
+    def _check_rate(self, user: str) -> None:
+        """Unary sends: take a token or fail with RESOURCE_EXHAUSTED + retry_after_ms."""
+        if self.limiter is not None:
+            wait = self.limiter.try_take(user)
+            if wait > 0:
+                raise self._rate_error(user, wait)
+
+    async def _pace(self, user: str, ctx: RequestContext, details: dict[str, Any] | None = None) -> None:
+        """Streams: wait for the user's rate (backpressure), unless that would take too long."""
+        limiter = self.limiter
+        if limiter is None:
+            return
+        wait = limiter.reserve(user)
+        if wait <= 0:
+            return
+        remaining = ctx.time_remaining()
+        if wait * 1000 > self.config.rate_max_wait_ms or (remaining is not None and wait > remaining):
+            limiter.refund(user)
+            raise self._rate_error(user, wait, details)
+        await asyncio.sleep(wait)  # pacing the sender to its rate, not a test delay
+
     # ------------------------------------------------------ message pipeline
     def _accept(self, room: str, user: str, content: str,
                 bus: Bus | None) -> tuple[_RoomState, StoredMessage, asyncio.Future[None]]:
@@ -395,7 +445,9 @@ class ChatService:
         err = self._message_error(request.room, user, request.content)
         if err:
             raise RpcError(Status.INVALID_ARGUMENT, err)
+        self._authorize(ctx, request.room)
         self._check_owned(request.room)
+        self._check_rate(user)
         stored = await self._send(request.room, user, request.content, self._bus(ctx))
         return ChatResponse.ack_response(_to_message(stored))
 
@@ -436,6 +488,12 @@ class ChatService:
                 if err:
                     raise RpcError(Status.INVALID_ARGUMENT, f"message {index}: {err}",
                                    {"index": index})
+                try:
+                    self._authorize(ctx, m.room)
+                except RpcError as exc:
+                    raise RpcError(exc.status, f"message {index}: {exc.message}",
+                                   {"index": index}) from None
+                await self._pace(user, ctx, {"index": index})
                 if self.owns is None or self.owns(m.room):
                     st, stored, fut = self._accept(m.room, user, m.content, bus)
                     inflight.append((index, st, stored, fut))
@@ -467,8 +525,12 @@ class ChatService:
         room = request.room
         user = ctx.identity or request.user
         self._check_names(room, user)
+        self._authorize(ctx, room)
         if request.since_id is not None and request.since_id < 0:
             raise RpcError(Status.INVALID_ARGUMENT, "since_id must be >= 0")
+        if request.since_timestamp is not None and not -2**63 <= request.since_timestamp < 2**63:
+            # (SQLite integers are 64-bit: a larger value would fail the history read)
+            raise RpcError(Status.INVALID_ARGUMENT, "since_timestamp must fit in 64 bits")
         self._check_owned(room)
         bus = self._bus(ctx)
         if request.since_id is None and request.since_timestamp is None:
@@ -498,6 +560,7 @@ class ChatService:
         room = join.room
         user = ctx.identity or join.user
         self._check_names(room, user)
+        self._authorize(ctx, room)
         self._check_owned(room)
         bus = self._bus(ctx)
         await call.send(ChatResponse.ack_response())
@@ -520,6 +583,7 @@ class ChatService:
                 if err:
                     await call.send(ChatResponse.error_response(err))
                     continue
+                await self._pace(user, ctx)
                 stored = await self._send(room, user, m.content, bus)
                 await call.send(ChatResponse.ack_response(_to_message(stored)))
         finally:
@@ -530,6 +594,7 @@ class ChatService:
         err = self._name_error("room", request.room, self.config.max_room_name)
         if err:
             raise RpcError(Status.INVALID_ARGUMENT, err)
+        self._authorize(ctx, request.room)
         self._check_owned(request.room)
         users = [User(name=m.name, joined_at=m.joined_at, message_count=m.message_count)
                  for m in self.rooms.members(request.room)]

@@ -152,6 +152,7 @@ class Connection:
         self.last_received = now
         self._ping_sent_at: float | None = None
         self._ping_counter = 0
+        self._early_pongs = bytearray()  # PONGs owed before our HELLO was sent
         if peer_settings is not None:
             self._apply_peer(peer_settings)
 
@@ -362,7 +363,10 @@ class Connection:
     def _on_ping(self, sid: int, payload: bytes) -> None:
         if sid != 0 or len(payload) != 8:
             raise ProtocolError("PING must be on stream 0 with 8 bytes", Status.INTERNAL)
-        self._out += _pack_header(8, _T_PONG, 0, 0) + payload
+        if self.hello_sent:
+            self._out += _pack_header(8, _T_PONG, 0, 0) + payload
+        else:  # pipelined right behind the peer's HELLO: our HELLO must go out first
+            self._early_pongs += _pack_header(8, _T_PONG, 0, 0) + payload
 
     def _on_pong(self, events: list[Event], payload: bytes) -> None:
         if len(payload) != 8:
@@ -401,6 +405,9 @@ class Connection:
         body = {"version": PROTOCOL_VERSION, **self.local.announce(), **(extra or {})}
         self._queue_control(_T_HELLO, 0, body)
         self.hello_sent = True
+        if self._early_pongs:
+            self._out += self._early_pongs
+            self._early_pongs.clear()
 
     def _queue_control(self, ftype: int, sid: int, body: Any) -> None:
         payload = msgpack.packb(body)

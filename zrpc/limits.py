@@ -1,0 +1,108 @@
+"""Connection-level limits shared by the in-process server and the broker edge.
+
+* :class:`IpCounter`: connections per client IP (``max_connections_per_ip``);
+* :func:`refuse_connection`: tell a client why it is refused (GOAWAY before
+  HELLO, which the protocol allows) and close without waiting on it;
+* :class:`IdleTimer`: close a connection that had no stream for
+  ``idle_timeout_ms`` (keepalive PINGs do not count as activity).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgpack
+
+from zrpc.protocol.frames import FrameType, encode_frame
+from zrpc.session import SessionBase
+from zrpc.status import Status
+
+__all__ = ["CLOSE_LINGER_S", "IdleTimer", "IpCounter", "peer_ip", "refuse_connection"]
+
+#: How long a closing connection may take to finish the TLS close before it is aborted.
+CLOSE_LINGER_S = 2.0
+
+
+def peer_ip(transport: Any) -> str:
+    """The client's IP address (or the peername as text for non-IP transports)."""
+    peername = transport.get_extra_info("peername")
+    if isinstance(peername, tuple) and peername:
+        return str(peername[0])
+    return str(peername)
+
+
+class IpCounter:
+    """Open connections per client IP, bounded by ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.counts: dict[str, int] = {}
+
+    def try_add(self, ip: str) -> bool:
+        n = self.counts.get(ip, 0)
+        if n >= self.limit:
+            return False
+        self.counts[ip] = n + 1
+        return True
+
+    def release(self, ip: str) -> None:
+        n = self.counts.get(ip, 0) - 1
+        if n > 0:
+            self.counts[ip] = n
+        else:
+            self.counts.pop(ip, None)
+
+
+def refuse_connection(transport: Any, code: Status, message: str) -> None:
+    """GOAWAY ``[0, code, message]``, then close (aborted after a short linger)."""
+    try:
+        transport.write(encode_frame(FrameType.GOAWAY, 0, 0, msgpack.packb([0, int(code), message])))
+        transport.close()
+    except Exception:  # the transport is already broken: nothing to tell
+        transport.abort()
+        return
+    asyncio.get_running_loop().call_later(CLOSE_LINGER_S, transport.abort)
+
+
+class IdleTimer:
+    """Closes ``session`` after ``timeout_ms`` without any stream (GOAWAY OK, naming the limit).
+
+    A connection is busy while a stream is in progress or when the client
+    opened one since the last check; it is checked every quarter of the
+    timeout, so an idle connection is closed between 1 and 1.5 timeouts after
+    its last stream.
+    """
+
+    def __init__(self, session: SessionBase, timeout_ms: int) -> None:
+        self.session = session
+        self.timeout = timeout_ms / 1000
+        self.timeout_ms = timeout_ms
+        loop = session.loop
+        self._since = loop.time()
+        self._seen = 0
+        self._handle: asyncio.TimerHandle | None = loop.call_later(self.timeout / 4, self._check)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _check(self) -> None:
+        s = self.session
+        self._handle = None
+        if s.closed:
+            return
+        now = s.loop.time()
+        conn = s.conn
+        opened = conn.highest_stream_id
+        if conn.streams or opened != self._seen:
+            self._seen = opened
+            self._since = now
+        elif now - self._since >= self.timeout:
+            message = (f"idle_timeout_ms ({self.timeout_ms}) reached: no streams for "
+                       f"{now - self._since:.0f}s; reconnect when needed")
+            conn.close(Status.OK, message)
+            s.terminate(Status.UNAVAILABLE, message)
+            return
+        self._handle = s.loop.call_later(self.timeout / 4, self._check)
