@@ -159,6 +159,9 @@ class Broker:
         self.registry = WorkerRegistry(self.shards, interval, self.config.liveness)
         self.fanout = FanOut(on_gap=self._gap, on_empty=self.unsubscribe)
         self.metrics = BrokerMetrics()
+        self._bus_events = self.metrics.bus_events.inc
+        self._from_workers = self.metrics.frames_from_workers.inc
+        self._to_workers = self.metrics.frames_to_workers.inc
         self.sessions: dict[bytes, EdgeSession] = {}
         self.per_ip = IpCounter(self.config.server.max_connections_per_ip)
         self.internal: dict[bytes, EdgeSession] = {}
@@ -262,6 +265,7 @@ class Broker:
     def _send(self, parts: list[bytes]) -> None:
         try:
             self.router.send_multipart(parts, zmq.NOBLOCK, copy=False)
+            self._to_workers()
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the worker is gone; its death is handled elsewhere
             log.debug("send to worker failed: %s", exc)
         self._router_reader.kick()
@@ -276,6 +280,7 @@ class Broker:
         if len(msg) < 2:
             return
         identity, cmd = msg[0], msg[1]
+        self._from_workers()
         now = asyncio.get_running_loop().time()
         if cmd == cluster.READY:
             self._ready(identity, msg, now)
@@ -341,6 +346,7 @@ class Broker:
     def _on_bus(self, msg: list[bytes]) -> None:
         if len(msg) != 3:
             return
+        self._bus_events()
         self.fanout.publish(msg[0][:-1].decode("utf-8", "surrogatepass"), cluster.SEQ.unpack(msg[1])[0], msg[2])
 
     def subscribe(self, topic: str) -> None:

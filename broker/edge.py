@@ -95,7 +95,7 @@ class Relay:
     """One client stream through the broker (see module docstring)."""
 
     __slots__ = ("client_ended", "done", "edge", "inbound", "key_field", "local", "metadata", "method",
-                 "outbox", "sid", "timeout_ms", "topics", "up", "up_sid")
+                 "outbox", "sid", "started", "timeout_ms", "topics", "up", "up_sid")
 
     def __init__(self, edge: EdgeSession, sid: int, method: str, timeout_ms: int | None,
                  metadata: dict[str, str], key_field: str | None) -> None:
@@ -113,6 +113,7 @@ class Relay:
         self.client_ended = False
         self.done = False
         self.local: Callable[[Any], Any] | None = None
+        self.started = edge.loop.time()
 
     # ---------------------------------------------------- client -> worker
     def from_client(self, payload: bytes, compressed: bool, end: bool) -> None:
@@ -230,6 +231,7 @@ class Relay:
             return
         self.done = True
         edge = self.edge
+        edge.broker.metrics.latency.labels(self.method).observe(edge.loop.time() - self.started)
         edge.relays.pop(self.sid, None)
         edge.unblock(self)
         up = self.up
@@ -265,7 +267,14 @@ class EdgeSession(SessionBase):
                  close_transport: Callable[[], Any], *, peer: str | None,
                  internal_worker: bytes | None = None) -> None:
         cfg = broker.config.server
-        super().__init__(Connection(Role.SERVER, cfg.settings()), write, close_transport,
+        counted = broker.metrics.bytes_out.inc
+        self._bytes_in = broker.metrics.bytes_in.inc
+
+        def write_counted(data: bytes) -> None:
+            counted(len(data))
+            write(data)
+
+        super().__init__(Connection(Role.SERVER, cfg.settings()), write_counted, close_transport,
                          debug=cfg.enable_debug_logging)
         self.broker = broker
         self.cid = cid
@@ -286,6 +295,7 @@ class EdgeSession(SessionBase):
 
     # ------------------------------------------------------------- client
     def data_received(self, data: bytes) -> None:
+        self._bytes_in(len(data))
         events = self.conn.receive_data(data, self.loop.time())
         if self.debug:
             trace_events(events)

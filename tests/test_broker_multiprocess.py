@@ -274,3 +274,39 @@ def test_bus_drops_are_repaired_from_the_owning_shard(broker: BrokerProc, tmp_pa
         await c.close()
 
     run(main())
+
+
+def test_metrics_endpoint_counts_calls_bytes_and_fanout(tmp_path: Path) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    b = start_broker(tmp_path, "--metrics-port", str(port))
+    try:
+        b.wait_ready()
+
+        async def main() -> None:
+            c = await connect(b, tmp_path)
+            listen = await c.server_stream("Echo/Listen", {"key": "m"}, dict)
+            assert await listen.next() == {"attached": True}
+            for _ in range(3):
+                await c.unary("Echo/Say", {"key": "m"}, dict)
+            await c.unary("Echo/Publish", {"key": "m", "count": 4}, dict)
+            for _ in range(4):
+                await listen.next()
+            await c.close()
+
+        run(main())
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                  for line in text.splitlines() if line and not line.startswith("#")}
+        assert values['zrpc_calls_total{method="Echo/Say",status="OK"}'] == 3
+        assert values['zrpc_call_seconds_count{method="Echo/Say"}'] == 3
+        assert values["zrpc_fanout_deliveries"] == 4
+        assert values["zrpc_workers_live"] == 2
+        assert values["zrpc_bytes_received_total"] > 0 and values["zrpc_bytes_sent_total"] > 0
+        assert values["zrpc_worker_messages_sent_total"] > 0 and values["zrpc_bus_events_total"] == 4
+    finally:
+        b.stop()
