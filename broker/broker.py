@@ -34,7 +34,7 @@ from zrpc.client import parse_address
 from zrpc.config import ServerConfig
 from zrpc.dispatch import Authenticator
 from zrpc.fanout import FanOut
-from zrpc.limits import CLOSE_LINGER_S, IdleTimer, IpCounter, peer_ip, refuse_connection
+from zrpc.limits import CLOSE_LINGER_S, IdleTimer, IpCounter, admit_connection, peer_name
 from zrpc.sharding import shard_for
 from zrpc.status import Status
 from zrpc.tls import TlsConfig, peer_identity, zrpc_home
@@ -83,24 +83,13 @@ class _EdgeProtocol(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:  # uvloop's transports are not asyncio.Transport
         broker = self.broker
         cfg = broker.config.server
-        if broker.stopping:
-            refuse_connection(transport, Status.UNAVAILABLE, "server is shutting down")
-            return
-        if len(broker.sessions) - len(broker.internal) >= cfg.max_connections:  # clients only
-            log.warning("refusing connection: max_connections (%d) reached", cfg.max_connections)
-            refuse_connection(transport, Status.UNAVAILABLE,
-                              f"max_connections ({cfg.max_connections}) reached; retry later")
-            return
-        ip = peer_ip(transport)
-        if not broker.per_ip.try_add(ip):
-            log.warning("refusing connection from %s: max_connections_per_ip (%d) reached",
-                        ip, cfg.max_connections_per_ip)
-            refuse_connection(transport, Status.RESOURCE_EXHAUSTED,
-                              f"max_connections_per_ip ({cfg.max_connections_per_ip}) reached for {ip}")
+        ip = admit_connection(transport, serving=not broker.stopping,
+                              open_connections=len(broker.sessions) - len(broker.internal),  # clients only
+                              max_connections=cfg.max_connections, per_ip=broker.per_ip)
+        if ip is None:
             return
         self.transport = transport
-        peername = transport.get_extra_info("peername")
-        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
+        peer = peer_name(transport)
         s = EdgeSession(broker, broker.next_cid(), transport.write, self._close_transport, peer=peer)
         s.ip = ip  # released by Broker.session_closed
         ssl_obj = transport.get_extra_info("ssl_object")

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import msgpack
@@ -18,7 +19,10 @@ from zrpc.protocol.frames import FrameType, encode_frame
 from zrpc.session import SessionBase
 from zrpc.status import Status
 
-__all__ = ["CLOSE_LINGER_S", "IdleTimer", "IpCounter", "peer_ip", "refuse_connection"]
+__all__ = ["CLOSE_LINGER_S", "IdleTimer", "IpCounter", "admit_connection", "peer_ip", "peer_name",
+           "refuse_connection"]
+
+log = logging.getLogger("zrpc.limits")
 
 #: How long a closing connection may take to finish the TLS close before it is aborted.
 CLOSE_LINGER_S = 2.0
@@ -63,6 +67,37 @@ def refuse_connection(transport: Any, code: Status, message: str) -> None:
         transport.abort()
         return
     asyncio.get_running_loop().call_later(CLOSE_LINGER_S, transport.abort)
+
+
+def peer_name(transport: Any) -> str:
+    """``ip:port`` of the client (the peername as text for non-IP transports)."""
+    peername = transport.get_extra_info("peername")
+    return f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
+
+
+def admit_connection(transport: Any, *, serving: bool, open_connections: int, max_connections: int,
+                     per_ip: IpCounter) -> str | None:
+    """Apply the connection limits to a new transport.
+
+    Returns the client's IP (now counted in ``per_ip``; release it when the
+    connection ends), or None after refusing the connection with a GOAWAY that
+    names the limit.
+    """
+    if not serving:
+        refuse_connection(transport, Status.UNAVAILABLE, "server is shutting down")
+        return None
+    if open_connections >= max_connections:
+        log.warning("refusing connection: max_connections (%d) reached", max_connections)
+        refuse_connection(transport, Status.UNAVAILABLE,
+                          f"max_connections ({max_connections}) reached; retry later")
+        return None
+    ip = peer_ip(transport)
+    if not per_ip.try_add(ip):
+        log.warning("refusing connection from %s: max_connections_per_ip (%d) reached", ip, per_ip.limit)
+        refuse_connection(transport, Status.RESOURCE_EXHAUSTED,
+                          f"max_connections_per_ip ({per_ip.limit}) reached for {ip}")
+        return None
+    return ip
 
 
 class IdleTimer:

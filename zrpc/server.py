@@ -23,7 +23,7 @@ from zrpc.config import ServerConfig
 from zrpc.context import RequestContext
 from zrpc.dispatch import Authenticator, Dispatcher, ServerCall, ServerSession
 from zrpc.fanout import FanOut
-from zrpc.limits import IdleTimer, IpCounter, peer_ip, refuse_connection
+from zrpc.limits import IdleTimer, IpCounter, admit_connection, peer_name
 from zrpc.service import Service
 from zrpc.status import Status
 from zrpc.tls import ALPN_PROTOCOL, TlsConfig, peer_identity
@@ -79,24 +79,13 @@ class _ServerProtocol(asyncio.Protocol):
         self.transport = transport
         server = self.server
         cfg = server.config
-        if not server.dispatcher.serving:
-            refuse_connection(transport, Status.UNAVAILABLE, "server is shutting down")
-            return
-        if len(server.sessions) >= cfg.max_connections:
-            log.warning("refusing connection: max_connections (%d) reached", cfg.max_connections)
-            refuse_connection(transport, Status.UNAVAILABLE,
-                              f"max_connections ({cfg.max_connections}) reached; retry later")
-            return
-        ip = peer_ip(transport)
-        if not server.per_ip.try_add(ip):
-            log.warning("refusing connection from %s: max_connections_per_ip (%d) reached",
-                        ip, cfg.max_connections_per_ip)
-            refuse_connection(transport, Status.RESOURCE_EXHAUSTED,
-                              f"max_connections_per_ip ({cfg.max_connections_per_ip}) reached for {ip}")
+        ip = admit_connection(transport, serving=server.dispatcher.serving,
+                              open_connections=len(server.sessions),
+                              max_connections=cfg.max_connections, per_ip=server.per_ip)
+        if ip is None:
             return
         self._ip = ip
-        peername = transport.get_extra_info("peername")
-        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
+        peer = peer_name(transport)
         session = ServerSession(server.dispatcher, transport.write, self._close_transport, peer=peer,
                                 authenticator=server.authenticator)
         ssl_obj = transport.get_extra_info("ssl_object")
