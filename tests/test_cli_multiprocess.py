@@ -92,11 +92,13 @@ def test_two_users_chat_on_real_terminals(broker: BrokerProc, tmp_path: Path) ->
     env = client_env(tmp_path, broker.address)
     env["TERM"] = "xterm"
     env["PROMPT_TOOLKIT_NO_CPR"] = "1"
-    ann = pexpect.spawn(ZRPC, ["chat", "--room", "tty", "--user", "ann"], env=env, encoding="utf-8", timeout=20,
+    ann = pexpect.spawn(ZRPC, ["chat", "--room", "tty", "--user", "ann"], env=env, encoding="utf-8", timeout=30,
                         dimensions=(24, 100))
-    ben = pexpect.spawn(ZRPC, ["chat", "--room", "tty", "--user", "ben"], env=env, encoding="utf-8", timeout=20,
-                        dimensions=(24, 100))
+    ben = None
     try:
+        ann.expect(r"ann\S* joined")  # ann is in the room (and sees its events) before ben comes
+        ben = pexpect.spawn(ZRPC, ["chat", "--room", "tty", "--user", "ben"], env=env, encoding="utf-8",
+                            timeout=30, dimensions=(24, 100))
         ann.expect(r"ben\S* joined")
         ann.sendline("hello ben")
         ben.expect(r"ann\S*: hello ben")
@@ -111,7 +113,8 @@ def test_two_users_chat_on_real_terminals(broker: BrokerProc, tmp_path: Path) ->
         ann.expect(pexpect.EOF)
     finally:
         for p in (ann, ben):
-            p.close(force=True)
+            if p is not None:
+                p.close(force=True)
 
 
 def test_subscribe_survives_a_broker_restart_without_gaps_or_repeats(tmp_path: Path) -> None:
