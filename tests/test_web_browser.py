@@ -2,7 +2,7 @@
 ``zrpc-broker start --web-port``, with a CLI user in the same room, a graceful broker restart and a
 broker crash (SIGKILL) in the middle.
 
-Saves a screenshot of the page to docs/screenshot-web.png. Needs /usr/bin/chromium (or
+Saves a screenshot of the page to test-artifacts/screenshot-web.png. Needs /usr/bin/chromium (or
 $ZRPC_CHROMIUM) and the ``playwright`` package; without them the test is skipped locally and
 fails in CI (CI=true), where scripts/test installs both.
 """
@@ -25,7 +25,10 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(120)]
 CHROMIUM = os.environ.get("ZRPC_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SCREENSHOT = ROOT / "docs" / "screenshot-web.png"
+# Every run saves the page to test-artifacts/ (git-ignored) for people to look at;
+# ZRPC_UPDATE_SCREENSHOT=1 refreshes the one README shows.
+SCREENSHOT = (ROOT / "docs" / "screenshot-web.png" if os.environ.get("ZRPC_UPDATE_SCREENSHOT")
+              else ROOT / "test-artifacts" / "screenshot-web.png")
 ROOM = "lobby"
 TIMEOUT_MS = 20_000
 
@@ -151,6 +154,7 @@ def test_two_browsers_and_a_cli_user_chat_through_a_broker_restart(playwright_ap
             wait_ids(page, 8)
         expected += [[6, "carol", "while you were away"], [7, "carol", "and one more"], [8, "bob", "back again"]]
         assert shown(alice) == shown(bob) == expected, "no message lost or repeated across the restart"
+        SCREENSHOT.parent.mkdir(exist_ok=True)
         alice.screenshot(path=str(SCREENSHOT))
 
         # An abrupt drop this time: the broker is killed (no GOAWAY, the sockets just close).
