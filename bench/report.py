@@ -1,0 +1,322 @@
+"""Goals, the summary table and the plots of a results file.
+
+``evaluate(results)`` turns the measured cases into one row per goal
+(zrpc, peer, ceiling, ratio, met?); ``markdown(results)`` renders them;
+``plot(results, out, name)`` writes ``<name>-<scenario>.png`` files (Agg
+backend). ``python -m bench report FILE`` re-plots and prints the table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+COLORS = {"zrpc": "#1f77b4", "zrpc-broker": "#2ca02c", "grpc": "#d62728", "bare": "#7f7f7f",
+          "raw-pyzmq": "#9467bd"}
+SUSTAINED_P99_MS = 50.0
+SUSTAINED_DELIVERED = 0.99
+
+
+def cases(results: dict[str, Any], scenario: str) -> list[dict[str, Any]]:
+    return list((results.get("scenarios", {}).get(scenario) or {}).get("cases") or [])
+
+
+def find(results: dict[str, Any], scenario: str, impl: str, **match: Any) -> dict[str, Any] | None:
+    for c in cases(results, scenario):
+        if c.get("impl") == impl and all(c.get(k) == v for k, v in match.items()):
+            return c
+    return None
+
+
+def _tp(c: dict[str, Any] | None) -> float | None:
+    return None if c is None else c.get("throughput")
+
+
+def _p50(c: dict[str, Any] | None) -> float | None:
+    return None if c is None else (c.get("latency_ms") or {}).get("p50")
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def best_sustained(results: dict[str, Any], impl: str) -> tuple[dict[str, Any] | None, bool]:
+    """The fan-out step with the most deliveries/s that kept p99 < 50 ms and delivered >= 99 %.
+
+    Returns (case, True); when no step qualifies, (the step with the most deliveries/s, False).
+    """
+    steps = [c for c in cases(results, "fanout") if c.get("impl") == impl]
+    ok = [c for c in steps
+          if (c.get("latency_ms") or {}).get("p99") is not None
+          and c["latency_ms"]["p99"] < SUSTAINED_P99_MS
+          and (c.get("delivered_ratio") or 0) >= SUSTAINED_DELIVERED]
+    if ok:
+        return max(ok, key=lambda c: c["throughput"]), True
+    if steps:
+        return max(steps, key=lambda c: c["throughput"]), False
+    return None, False
+
+
+def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+
+    def row(sid: str, scenario: str, goal: str, unit: str, zrpc: float | None, peer: float | None,
+            ceiling: float | None, ratio: float | None, met: bool | None, note: str = "") -> None:
+        rows.append({"id": sid, "scenario": scenario, "goal": goal, "unit": unit, "zrpc": zrpc,
+                     "peer": peer, "ceiling": ceiling, "ratio": ratio, "met": met, "note": note})
+
+    # 1. unary
+    if cases(results, "unary"):
+        g64 = _tp(find(results, "unary", "grpc", concurrency=64))
+        bare = _tp(find(results, "unary", "bare", concurrency=64))
+        for sid, impl, want, what in (("1a", "zrpc-broker", 1.5, "via broker"), ("1b", "zrpc", 3.0, "in-process")):
+            z = _tp(find(results, "unary", impl, concurrency=64))
+            r = _ratio(z, g64)
+            row(sid, "unary", f"{what} >= {want:g}x grpc.aio calls/s at concurrency 64", "calls/s",
+                z, g64, bare, r, None if r is None else r >= want,
+                "ceiling: bare TLS echo, 64 x 100 B in flight")
+    # 2. server streaming
+    if cases(results, "server_stream"):
+        g1 = _tp(find(results, "server_stream", "grpc", streams=1))
+        bare = _tp(find(results, "server_stream", "bare", streams=1))
+        for sid, impl, what in (("2a", "zrpc", "in-process"), ("2b", "zrpc-broker", "via broker")):
+            z = _tp(find(results, "server_stream", impl, streams=1))
+            r = _ratio(z, g1)
+            row(sid, "server_stream", f"{what} >= 3x grpc.aio msgs/s on one stream", "msgs/s",
+                z, g1, bare, r, None if r is None else r >= 3.0, "ceiling: bare TLS, 64-byte records")
+    # 3. ping-pong
+    if cases(results, "pingpong"):
+        g = _p50(find(results, "pingpong", "grpc"))
+        bare = _p50(find(results, "pingpong", "bare"))
+        for sid, impl, what in (("3a", "zrpc", "in-process"), ("3b", "zrpc-broker", "via broker")):
+            z = _p50(find(results, "pingpong", impl))
+            r_g, r_b = _ratio(z, g), _ratio(z, bare)
+            met = None if r_g is None or r_b is None else (r_g <= 0.5 and r_b <= 2.0)
+            row(sid, "pingpong", f"{what}: p50 <= 0.5x grpc.aio and <= 2x bare echo", "ms p50",
+                z, g, bare, r_g, met, f"zrpc/bare = {r_b}")
+    # 4. hop
+    if cases(results, "broker_hop"):
+        z = _tp(find(results, "broker_hop", "zrpc-broker"))
+        raw = _tp(find(results, "broker_hop", "raw-pyzmq"))
+        r = _ratio(z, raw)
+        row("4", "broker_hop", ">= 25% of raw pyzmq DEALER/ROUTER round trips/s", "msgs/s",
+            z, raw, raw, r, None if r is None else r >= 0.25,
+            "zrpc: Echo/Say calls/s at c64 through the broker to 1 worker")
+    # 5. fan-out
+    if cases(results, "fanout"):
+        zc, z_ok = best_sustained(results, "zrpc-broker")
+        gc, g_ok = best_sustained(results, "grpc")
+        zt, gt = _tp(zc), _tp(gc)
+        zp99 = None if zc is None else zc["latency_ms"]["p99"]
+        row("5a", "fanout", ">= 100,000 deliveries/s to 1,000 subscribers with p99 < 50 ms",
+            "deliveries/s", zt if z_ok else None, gt, None, None,
+            bool(z_ok and zt is not None and zt >= 100_000),
+            f"best sustained step: {zc['label'] if zc else '-'} (p99 {zp99} ms)" if z_ok else
+            f"no step with p99 < 50 ms; best {zt} deliveries/s at p99 {zp99} ms")
+        r = _ratio(zt if z_ok else None, gt)
+        row("5b", "fanout", ">= 3x grpc.aio deliveries/s (p99 < 50 ms)", "deliveries/s",
+            zt if z_ok else None, gt, None, r, None if r is None else r >= 3.0,
+            "grpc: best sustained step" if g_ok else "grpc: no sustained step; its best step is used")
+    # 6. idle
+    if cases(results, "idle"):
+        zc = find(results, "idle", "zrpc-broker")
+        bc = find(results, "idle", "bare")
+        z = None if zc is None else zc.get("rss_per_connection_kib")
+        b = None if bc is None else bc.get("rss_per_connection_kib")
+        row("6", "idle", "<= 64 KiB broker RSS per idle TLS connection", "KiB/conn", z, b, b, _ratio(z, b),
+            None if z is None else z <= 64, f"{zc.get('connections') if zc else 0} connections held")
+    # 7. durable chat
+    if cases(results, "durable_chat"):
+        z = _tp(find(results, "durable_chat", "zrpc-broker"))
+        say = _tp(find(results, "unary", "zrpc-broker", concurrency=64))
+        row("7", "durable_chat", ">= 10,000 acked durable sends/s (broker, 2 workers, c64)", "sends/s",
+            z, None, say, _ratio(z, say), None if z is None else z >= 10_000,
+            "ceiling: Echo/Say through the same broker at c64 (no storage)")
+    return rows
+
+
+def _fmt(v: Any, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and (unit.startswith("ms ") or abs(v) < 10):
+        return f"{v:.3g}"
+    if isinstance(v, int | float):
+        return f"{v:,.0f}"
+    return str(v)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    rows = results.get("goals") or evaluate(results)
+    out = ["| # | goal | unit | zrpc | peer | ceiling | ratio | met? |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        met = {True: "yes", False: "**no**", None: "-"}[r["met"]]
+        out.append(f"| {r['id']} | {r['goal']} | {r['unit']} | {_fmt(r['zrpc'], r['unit'])} | "
+                   f"{_fmt(r['peer'], r['unit'])} | {_fmt(r['ceiling'], r['unit'])} | "
+                   f"{_fmt(r['ratio'])} | {met} |")
+    return "\n".join(out)
+
+
+def cases_markdown(results: dict[str, Any]) -> str:
+    """Every measured case: throughput, latency, CPU."""
+    out = ["| scenario | impl | case | throughput | p50 ms | p90 ms | p99 ms | max ms | server CPU s | load CPU s | server us/op |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s, entry in (results.get("scenarios") or {}).items():
+        for c in entry.get("cases") or []:
+            lat = c.get("latency_ms") or {}
+            extra = f" ({c['rss_per_connection_kib']} KiB/conn)" if c.get("rss_per_connection_kib") is not None else ""
+            out.append(f"| {s} | {c['impl']} | {c['label']}{extra} | {_fmt(c.get('throughput'))} {c.get('unit', '')} | "
+                       f"{_fmt(lat.get('p50'), 'ms')} | {_fmt(lat.get('p90'), 'ms')} | {_fmt(lat.get('p99'), 'ms')} | "
+                       f"{_fmt(lat.get('max'), 'ms')} | {c.get('server_cpu_s', '-')} | {c.get('load_cpu_s', '-')} | "
+                       f"{c.get('server_cpu_us_per_op', '-')} |")
+    return "\n".join(out)
+
+
+# ====================================================================== plots
+def plot(results: dict[str, Any], out: Path, name: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[str] = []
+    mode = results.get("mode", "")
+    machine = results.get("machine", {})
+    foot = f"{mode} run, {machine.get('cpu_model', '?')}, {machine.get('cores', '?')} cores, Python {machine.get('python', '?')}"
+
+    def save(fig: Any, scenario: str) -> None:
+        fig.text(0.99, 0.005, foot, ha="right", va="bottom", fontsize=7, color="#666")
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
+        path = out / f"{name}-{scenario}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path.name)
+
+    def bars(ax: Any, labels: list[str], values: list[float | None], colors: list[str], fmt: str = "{:,.0f}") -> None:
+        vals = [v or 0 for v in values]
+        b = ax.bar(range(len(vals)), vals, color=colors)
+        ax.set_xticks(range(len(vals)))
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+        for rect, v in zip(b, values, strict=True):
+            ax.annotate("-" if v is None else fmt.format(v), (rect.get_x() + rect.get_width() / 2, rect.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+
+    def title(s: str) -> str:
+        return str((results["scenarios"].get(s) or {}).get("title", s))
+
+    # 1 unary and 2 streaming: grouped throughput + latency
+    for s in ("unary", "server_stream"):
+        cs = cases(results, s)
+        if not cs:
+            continue
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+        labels = [f"{c['impl']} {c['label']}" for c in cs]
+        colors = [COLORS.get(c["impl"], "#333") for c in cs]
+        bars(a1, labels, [c["throughput"] for c in cs], colors)
+        a1.set_ylabel(cs[0]["unit"])
+        a1.set_title(title(s), fontsize=10)
+        if s == "server_stream" or any(c["impl"] == "bare" for c in cs):
+            a1.set_yscale("log")
+        lat = [c for c in cs if (c.get("latency_ms") or {}).get("p50") is not None]
+        x = range(len(lat))
+        for q, mk in (("p50", "o"), ("p90", "s"), ("p99", "^")):
+            a2.scatter(x, [c["latency_ms"][q] for c in lat], marker=mk, label=q)
+        a2.set_xticks(list(x))
+        a2.set_xticklabels([f"{c['impl']} {c['label']}" for c in lat], rotation=30, ha="right", fontsize=8)
+        a2.set_yscale("log")
+        a2.set_ylabel("ms" + (" (gap between messages on a stream)" if s == "server_stream" else " per call"))
+        a2.legend(fontsize=8)
+        a2.grid(axis="y", alpha=.3)
+        save(fig, s)
+
+    # 3 ping-pong
+    cs = cases(results, "pingpong")
+    if cs:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        w = 0.25
+        for k, q in enumerate(("p50", "p90", "p99")):
+            vals = [(c.get("latency_ms") or {}).get(q) or 0 for c in cs]
+            ax.bar([i + (k - 1) * w for i in range(len(cs))], vals, w, label=q)
+        ax.set_xticks(range(len(cs)))
+        ax.set_xticklabels([c["impl"] for c in cs])
+        ax.set_ylabel("round trip, ms")
+        ax.set_title(title("pingpong"), fontsize=10)
+        ax.legend(fontsize=8)
+        save(fig, "pingpong")
+
+    # 4 hop, 7 chat
+    for s in ("broker_hop", "durable_chat"):
+        cs = cases(results, s)
+        if not cs:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        labels = [f"{c['impl']}\n{c['label']}" for c in cs]
+        vals = [c["throughput"] for c in cs]
+        colors = [COLORS.get(c["impl"], "#333") for c in cs]
+        if s == "durable_chat":
+            say = find(results, "unary", "zrpc-broker", concurrency=64)
+            if say is not None:
+                labels.append("zrpc-broker\nEcho/Say c64 (ceiling)")
+                vals.append(say["throughput"])
+                colors.append("#bbbbbb")
+            ax.axhline(10_000, color="k", ls="--", lw=1, label="goal 10,000/s")
+            ax.legend(fontsize=8)
+        bars(ax, labels, vals, colors)
+        ax.set_ylabel(cs[0]["unit"])
+        ax.set_title(title(s), fontsize=10)
+        save(fig, s)
+
+    # 5 fan-out
+    cs = cases(results, "fanout")
+    if cs:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+        for impl in sorted({c["impl"] for c in cs}):
+            steps = [c for c in cs if c["impl"] == impl]
+            xs = [c["offered_per_s"] for c in steps]
+            a1.plot(xs, [c["throughput"] for c in steps], "o-", color=COLORS.get(impl), label=impl)
+            a2.plot(xs, [c["latency_ms"]["p99"] or 0 for c in steps], "o-", color=COLORS.get(impl), label=f"{impl} p99")
+            a2.plot(xs, [c["latency_ms"]["p50"] or 0 for c in steps], "x:", color=COLORS.get(impl), label=f"{impl} p50")
+        top = max(c["offered_per_s"] for c in cs)
+        a1.plot([0, top], [0, top], "k:", lw=1, label="offered")
+        a1.axhline(100_000, color="k", ls="--", lw=1, label="goal 100,000/s")
+        a1.set_xlabel("offered deliveries/s (publish rate x 1,000 subscribers)")
+        a1.set_ylabel("deliveries/s")
+        a1.set_title(title("fanout"), fontsize=10)
+        a1.legend(fontsize=8)
+        a2.axhline(SUSTAINED_P99_MS, color="k", ls="--", lw=1, label="goal p99 50 ms")
+        a2.set_yscale("log")
+        a2.set_xlabel("offered deliveries/s")
+        a2.set_ylabel("publish-to-delivery latency, ms")
+        a2.legend(fontsize=7)
+        save(fig, "fanout")
+
+    # 6 idle
+    cs = cases(results, "idle")
+    if cs:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        bars(ax, [f"{c['impl']}\n{c.get('connections', 0):,} conns" for c in cs],
+             [c.get("rss_per_connection_kib") for c in cs], [COLORS.get(c["impl"], "#333") for c in cs],
+             "{:.1f} KiB")
+        ax.axhline(64, color="k", ls="--", lw=1, label="goal 64 KiB")
+        ax.set_ylabel("server RSS growth per connection, KiB")
+        ax.set_title(title("idle"), fontsize=10)
+        ax.legend(fontsize=8)
+        save(fig, "idle")
+
+    # CPU per operation, every throughput case with a server
+    rows = [(f"{s}: {c['impl']} {c['label']}", c["server_cpu_us_per_op"], c.get("load_cpu_us_per_op"), c["impl"])
+            for s, e in (results.get("scenarios") or {}).items() if s not in ("fanout", "idle")
+            for c in e.get("cases") or [] if c.get("server_cpu_us_per_op") is not None]
+    if rows:
+        fig, ax = plt.subplots(figsize=(9, 0.28 * len(rows) + 1.2))
+        y = range(len(rows))
+        ax.barh([i + 0.2 for i in y], [r[1] for r in rows], 0.4, color=[COLORS.get(r[3], "#333") for r in rows],
+                label="server (all processes)")
+        ax.barh([i - 0.2 for i in y], [r[2] or 0 for r in rows], 0.4, color="#cccccc", label="load generator")
+        ax.set_yticks(list(y))
+        ax.set_yticklabels([r[0] for r in rows], fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("CPU microseconds per operation (call, message, round trip)")
+        ax.invert_yaxis()
+        ax.legend(fontsize=8)
+        save(fig, "cpu")
+    return written
