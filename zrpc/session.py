@@ -26,6 +26,7 @@ from zrpc.status import RpcError, Status, StreamClosed
 __all__ = ["CreditWaiter", "SessionBase", "StreamIO"]
 
 log = logging.getLogger("zrpc.session")
+_BURST = 64 * 1024  # queued output past which a sender flushes and yields
 frame_log = logging.getLogger("zrpc.frames")
 
 
@@ -211,7 +212,13 @@ class StreamIO:
             await self._credit
             self._credit = None
         conn.send_message(self.sid, payload, end_stream=end_stream, compressed=compressed)
-        self.session.schedule_flush()
+        if conn.bytes_to_send >= _BURST:
+            # A sender with plenty of credit would otherwise never yield: write what is queued
+            # now and let the other streams (and the reader) run.
+            self.session.flush()
+            await asyncio.sleep(0)
+        else:
+            self.session.schedule_flush()
 
     def push_nowait(self, payload: bytes) -> bool:
         """Queue a payload without waiting (fan-out); False when the stream overflowed and ended."""

@@ -394,6 +394,11 @@ class Connection:
         return bool(self._out)
 
     @property
+    def bytes_to_send(self) -> int:
+        """How many bytes are queued for ``data_to_send``."""
+        return len(self._out)
+
+    @property
     def highest_stream_id(self) -> int:
         """Server: the highest stream id the client has opened so far (0: none yet)."""
         return self._highest_id
