@@ -196,11 +196,27 @@ def to_wire(obj: Any) -> Any:
     return _to_wire_value(obj)
 
 
+def _pack_default(v: Any) -> Any:
+    """msgpack's hook for what it cannot pack itself: nested messages and enums."""
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return encoder_for(type(v))(v)
+    if isinstance(v, enum.Enum):
+        return v.value
+    raise TypeError(f"cannot encode {type(v).__name__} as MessagePack")
+
+
 def encode(obj: Any) -> bytes:
-    """Encode a message to MessagePack bytes."""
+    """Encode a message to MessagePack bytes.
+
+    Plain values (dicts, lists, str...) go straight to msgpack's C packer; the
+    Python hook runs only for dataclasses and enums.
+    """
+    cls = type(obj)
+    if cls is dict:
+        return _packb(obj, default=_pack_default)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _packb(encoder_for(type(obj))(obj))
-    return _packb(_to_wire_value(obj))
+        return _packb(encoder_for(cls)(obj), default=_pack_default)
+    return _packb(obj, default=_pack_default)
 
 
 def decode(cls: type[T] | None, data: bytes) -> T:

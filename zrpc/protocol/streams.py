@@ -20,6 +20,8 @@ class StreamState(enum.Enum):
     HALF_CLOSED_REMOTE = "half_closed_remote"  # peer sent END, we may still send
     CLOSED = "closed"
 
+    __hash__ = object.__hash__  # members are singletons: identity hashing, in C (hot path)
+
 
 class StreamEvent(enum.Enum):
     SEND_MESSAGE = "send_message"
@@ -30,6 +32,8 @@ class StreamEvent(enum.Enum):
     RECV_STATUS = "recv_status"    # client only
     SEND_RESET = "send_reset"
     RECV_RESET = "recv_reset"
+
+    __hash__ = object.__hash__
 
 
 _S = StreamState
