@@ -20,7 +20,6 @@ key must be read.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from zrpc.auth import TOKEN_EXPIRED_MESSAGE, expiry_delay
+from zrpc.auth import trust_principal
 from zrpc.codec import decompress
 from zrpc.protocol.connection import Connection, Role, Settings
 from zrpc.protocol.events import (
@@ -280,15 +279,12 @@ class EdgeSession(SessionBase):
         self.cid = cid
         self.peer = peer
         self.internal_worker = internal_worker
-        self.identity: str | None = None
-        self.claims: dict[str, Any] = {}
         self.relays: dict[int, Relay] = {}
         self.upstreams: dict[bytes, Upstream] = {}
         self._dirty: set[Upstream] = set()
         self.max_outbox = cfg.stream_config.max_buffered_messages
         self.hello_received = False
         self.ip: str | None = None  # counted in the broker's per-IP limit while set
-        self._expiry: asyncio.TimerHandle | None = None
         self.up_settings = Settings(max_message_size=cfg.max_message_size,
                                     initial_stream_window=cfg.stream_config.buffer_size,
                                     initial_connection_window=2**31 - 1)
@@ -327,35 +323,15 @@ class EdgeSession(SessionBase):
         self.flush()
 
     def _hello(self, settings: dict[str, Any]) -> bool:
-        try:
-            if self.internal_worker is not None:
-                self.identity = settings.get("principal")
-                self.claims = settings.get("claims") or {}
-            elif self.broker.authenticator is not None:
-                identity, claims = self.broker.authenticator(settings, self.peer)
-                if identity is not None or self.identity is None:  # no token: keep a cert identity
-                    self.identity, self.claims = identity, claims
-        except RpcError as exc:
-            self.conn.close(exc.status, exc.message)
-            self.terminate(exc.status, exc.message)
+        auth = trust_principal if self.internal_worker is not None else self.broker.authenticator
+        if not self.accept_hello(settings, auth):
             return False
-        self.conn.send_hello()
         self.hello_received = True
-        self.start_keepalive()
-        if self.internal_worker is None:
-            delay = expiry_delay(self.broker.authenticator, self.claims)
-            if delay is not None:
-                self._expiry = self.loop.call_later(delay, self._token_expired)
         return True
 
-    def _token_expired(self) -> None:
-        """The token's ``exp`` passed: end every stream and the connection with UNAUTHENTICATED."""
-        if self.closed:
-            return
+    def end_streams(self, code: Status, message: str) -> None:
         for relay in list(self.relays.values()):
-            relay.fail(Status.UNAUTHENTICATED, TOKEN_EXPIRED_MESSAGE)
-        self.conn.close(Status.UNAUTHENTICATED, TOKEN_EXPIRED_MESSAGE)
-        self.terminate(Status.UNAUTHENTICATED, TOKEN_EXPIRED_MESSAGE)
+            relay.fail(code, message)
 
     def _open(self, ev: StreamOpened) -> None:
         sid = ev.stream_id
@@ -514,8 +490,6 @@ class EdgeSession(SessionBase):
 
     # ------------------------------------------------------------ closing
     def on_closed(self, error: RpcError) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
         self.flush()  # frames the client sent before it went away still reach the workers, before X
         for relay in list(self.relays.values()):
             relay.finish(cancel_upstream=False)

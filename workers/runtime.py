@@ -25,6 +25,7 @@ import msgpack
 import zmq
 
 from zrpc import cluster
+from zrpc.auth import trust_principal
 from zrpc.client import Client, ClientSession
 from zrpc.config import ClientConfig, ServerConfig
 from zrpc.dispatch import Dispatcher, ServerCall, ServerSession
@@ -81,13 +82,6 @@ class ZmqBus:
             self._send([cluster.topic_frame(topic), cluster.SEQ.pack(seq), payload], zmq.NOBLOCK)
         except zmq.Again:  # a subscriber's queue is full: the broker repairs the gap from us
             self.dropped += 1
-
-
-def _trust_broker(hello: dict[str, Any], peer: Any) -> tuple[str | None, dict[str, Any]]:
-    principal = hello.get("principal")
-    claims = hello.get("claims")
-    return (principal if isinstance(principal, str) else None,
-            claims if isinstance(claims, dict) else {})
 
 
 class BrokerLink:
@@ -194,7 +188,7 @@ class BrokerLink:
         def close() -> None:
             self.sessions.pop(cid, None)
 
-        s = ServerSession(w.dispatcher, write, close, peer="broker", authenticator=_trust_broker)
+        s = ServerSession(w.dispatcher, write, close, peer="broker", authenticator=trust_principal)
         self.sessions[cid] = s
         w.routes[s] = (self, cid)
         return s

@@ -46,6 +46,7 @@ __all__ = [
     "mint_token",
     "require_identity",
     "room_allowed",
+    "trust_principal",
 ]
 
 #: What a connection is closed with when its token expires.
@@ -178,6 +179,14 @@ def expiry_delay(authenticator: Any, claims: dict[str, Any], now: float | None =
         return None
     now = time.time() if now is None else now
     return max(0.0, exp + leeway - now)
+
+
+def trust_principal(hello: dict[str, Any], peer: Any) -> tuple[str | None, dict[str, Any]]:
+    """For the broker <-> worker hop only: the HELLO names the principal the broker authenticated."""
+    principal = hello.get("principal")
+    claims = hello.get("claims")
+    return (principal if isinstance(principal, str) else None,
+            claims if isinstance(claims, dict) else {})
 
 
 def room_allowed(claims: dict[str, Any], room: str) -> bool:

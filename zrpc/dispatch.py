@@ -17,7 +17,6 @@ from typing import Any
 
 import msgpack
 
-from zrpc.auth import TOKEN_EXPIRED_MESSAGE, expiry_delay
 from zrpc.codec import DecodeError, compress, decode, encode
 from zrpc.config import ServerConfig
 from zrpc.context import RequestContext
@@ -231,13 +230,10 @@ class ServerSession(SessionBase):
         self.dispatcher = dispatcher
         self.peer = peer
         self.authenticator = authenticator
-        self.identity: str | None = None
-        self.claims: dict[str, Any] = {}
         self.calls: dict[int, ServerCall] = {}
         self.idle = asyncio.Event()
         self.idle.set()
         self.hello_received = asyncio.Event()
-        self._expiry: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
         events = self.conn.receive_data(data, self.loop.time())
@@ -269,31 +265,14 @@ class ServerSession(SessionBase):
         self.flush()
 
     def _hello(self, settings: dict[str, Any]) -> bool:
-        try:
-            if self.authenticator is not None:
-                identity, claims = self.authenticator(settings, self.peer)
-                if identity is not None or self.identity is None:  # no token: keep a cert identity
-                    self.identity, self.claims = identity, claims
-        except RpcError as exc:
-            self.conn.close(exc.status, exc.message)
-            self.terminate(exc.status, exc.message)
+        if not self.accept_hello(settings, self.authenticator):
             return False
-        self.conn.send_hello()
         self.hello_received.set()
-        self.start_keepalive()
-        delay = expiry_delay(self.authenticator, self.claims)
-        if delay is not None:
-            self._expiry = self.loop.call_later(delay, self._token_expired)
         return True
 
-    def _token_expired(self) -> None:
-        """The token's ``exp`` passed: end every call and the connection with UNAUTHENTICATED."""
-        if self.closed:
-            return
+    def end_streams(self, code: Status, message: str) -> None:
         for call in list(self.calls.values()):
-            call.abort(Status.UNAUTHENTICATED, TOKEN_EXPIRED_MESSAGE)
-        self.conn.close(Status.UNAUTHENTICATED, TOKEN_EXPIRED_MESSAGE)
-        self.terminate(Status.UNAUTHENTICATED, TOKEN_EXPIRED_MESSAGE)
+            call.abort(code, message)
 
     def _open(self, ev: StreamOpened) -> None:
         method = self.dispatcher.methods.get(ev.method)
@@ -330,7 +309,5 @@ class ServerSession(SessionBase):
         self.flush()
 
     def on_closed(self, error: RpcError) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
         for call in list(self.calls.values()):
             call.peer_reset(error.status, error.message)

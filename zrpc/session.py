@@ -52,6 +52,10 @@ class SessionBase:
         self._keepalive: asyncio.TimerHandle | None = None
         self.debug = debug
         self.closed = False
+        self.peer: str | None = None
+        self.identity: str | None = None       # who the peer is (token sub, certificate CN)
+        self.claims: dict[str, Any] = {}       # verified token claims
+        self._expiry: asyncio.TimerHandle | None = None
 
     # -------------------------------------------------------------- output
     def schedule_flush(self) -> None:
@@ -100,6 +104,45 @@ class SessionBase:
         self.flush()
         self._keepalive = self.loop.call_later(period, self._tick, period)
 
+    # ----------------------------------------------------------- handshake
+    def accept_hello(self, settings: dict[str, Any], authenticator: Any) -> bool:
+        """Authenticate the peer's HELLO and answer it; False when refused (connection closed).
+
+        ``authenticator(hello, peer) -> (identity, claims)`` raises RpcError to
+        refuse. Without a token, an identity from the client certificate is
+        kept. A token with ``exp`` ends the connection when it expires.
+        """
+        try:
+            if authenticator is not None:
+                identity, claims = authenticator(settings, self.peer)
+                if identity is not None or self.identity is None:  # no token: keep a cert identity
+                    self.identity, self.claims = identity, claims
+        except RpcError as exc:
+            self.conn.close(exc.status, exc.message)
+            self.terminate(exc.status, exc.message)
+            return False
+        self.conn.send_hello()
+        self.start_keepalive()
+        from zrpc.auth import expiry_delay
+
+        delay = expiry_delay(authenticator, self.claims)
+        if delay is not None:
+            self._expiry = self.loop.call_later(delay, self._token_expired)
+        return True
+
+    def _token_expired(self) -> None:
+        """The token's ``exp`` passed: end every stream and the connection with UNAUTHENTICATED."""
+        from zrpc.auth import TOKEN_EXPIRED_MESSAGE
+
+        if self.closed:
+            return
+        self.end_streams(Status.UNAUTHENTICATED, TOKEN_EXPIRED_MESSAGE)
+        self.conn.close(Status.UNAUTHENTICATED, TOKEN_EXPIRED_MESSAGE)
+        self.terminate(Status.UNAUTHENTICATED, TOKEN_EXPIRED_MESSAGE)
+
+    def end_streams(self, code: Status, message: str) -> None:
+        """Subclasses end every open stream with a status here."""
+
     # ------------------------------------------------------------- closing
     def terminate(self, code: int, message: str) -> None:
         """Flush what is queued (a GOAWAY) and close the transport."""
@@ -107,11 +150,15 @@ class SessionBase:
             return
         self.flush()
         self.closed = True
-        if self._keepalive is not None:
-            self._keepalive.cancel()
+        self._cancel_timers()
         self.on_closed(RpcError(Status.coerce(code) if code else Status.UNAVAILABLE,
                                 message or "connection closed"))
         self._close_transport()
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._keepalive, self._expiry):
+            if timer is not None:
+                timer.cancel()
 
     def on_closed(self, error: RpcError) -> None:
         """Subclasses fail their calls here."""
@@ -120,8 +167,7 @@ class SessionBase:
         if self.closed:
             return
         self.closed = True
-        if self._keepalive is not None:
-            self._keepalive.cancel()
+        self._cancel_timers()
         self.conn.closed = True
         self.on_closed(RpcError(Status.UNAVAILABLE, f"connection lost: {exc}" if exc else "connection lost"))
 
