@@ -310,3 +310,43 @@ def test_metrics_endpoint_counts_calls_bytes_and_fanout(tmp_path: Path) -> None:
         assert values["zrpc_worker_messages_sent_total"] > 0 and values["zrpc_bus_events_total"] == 4
     finally:
         b.stop()
+
+
+def test_two_brokers_front_one_worker(tmp_path: Path) -> None:
+    """Scale-out: one worker registered with two brokers answers each, and fans out to both."""
+    a = start_broker(tmp_path, "--workers", "0", "--shards", "1", "--runtime-dir", str(tmp_path / "ra"),
+                     name="a")
+    b = start_broker(tmp_path, "--workers", "0", "--shards", "1", "--runtime-dir", str(tmp_path / "rb"),
+                     name="b")
+    w = None
+    try:
+        for r in ("ra", "rb"):
+            wait_for(lambda r=r: (tmp_path / r / "broker.ipc").exists(), what=f"{r} endpoint")
+        w = start_worker(tmp_path, "--shard", "0", "--shards", "1",
+                         "--broker", f"ipc://{tmp_path}/ra/broker.ipc", "--broker", f"ipc://{tmp_path}/rb/broker.ipc",
+                         "--bus", f"ipc://{tmp_path}/bus.ipc", "--data-dir", str(tmp_path / "wdata"),
+                         "--heartbeat-ms", "200", "--app", "tests.apps.echo:app")
+        a.wait_ready()
+        b.wait_ready()
+
+        async def main() -> None:
+            ca, cb = await connect(a, tmp_path), await connect(b, tmp_path)
+            assert (await ca.unary("Echo/Say", {"key": "x", "via": "a"}, dict)) == {"key": "x", "via": "a", "pid": w.pid}
+            assert (await cb.unary("Echo/Say", {"key": "x", "via": "b"}, dict)) == {"key": "x", "via": "b", "pid": w.pid}
+            on_a = await ca.server_stream("Echo/Listen", {"key": "shared"}, dict)
+            on_b = await cb.server_stream("Echo/Listen", {"key": "shared"}, dict)
+            assert await on_a.next() == {"attached": True}
+            assert await on_b.next() == {"attached": True}
+            await cb.unary("Echo/Publish", {"key": "shared", "count": 5}, dict)  # published through broker b
+            for stream in (on_a, on_b):
+                got = [(await asyncio.wait_for(stream.next(), 10))["seq"] for _ in range(5)]
+                assert got == [1, 2, 3, 4, 5]
+            await ca.close()
+            await cb.close()
+
+        run(main())
+    finally:
+        if w is not None:
+            w.stop()
+        a.stop()
+        b.stop()
