@@ -604,3 +604,32 @@ def test_batch_forwards_rooms_of_other_shards(tmp_path: pathlib.Path) -> None:
         await server.shutdown(1)
         await service.close()
     run(main())
+
+
+def test_message_in_flight_when_sender_drops_is_broadcast_before_their_leave(tmp_path: pathlib.Path) -> None:
+    """A JoinChat stream that ends while its message is being committed: the message
+    still completes, and the room sees it before the sender's user_left."""
+    async def main() -> None:
+        async with chat_server(tmp_path) as chat:
+            watcher = await chat.client()
+            watch = await watcher.server_stream("Chat/SubscribeToRoom",
+                                                SubscribeRequest(room=ROOM, user="w"), ChatResponse)
+            assert (await recv(watch)).user_joined == "w"
+            leaver = await chat.client()
+            both = await leaver.bidirectional_stream("Chat/JoinChat", Message, ChatResponse)
+            await both.send(Message(user="zed", room=ROOM))
+            assert (await recv(both)).type is ResponseType.ack
+            assert (await recv(watch)).user_joined == "zed"
+            await both.send(Message(user="zed", room=ROOM, content="last words"))
+            # wait until the handler is inside the commit of "last words", then drop the connection
+            state = chat.service._state(ROOM)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + T
+            while state.room.last_id < 1:
+                assert loop.time() < deadline, "message never accepted"
+                await asyncio.sleep(0)
+            await leaver.close()
+            events = [await recv(watch), await recv(watch)]
+            assert [(e.type, e.message.content if e.message else e.user_left) for e in events] == [
+                (ResponseType.message, "last words"), (ResponseType.user_left, "zed")]
+    run(main())

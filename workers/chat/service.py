@@ -566,6 +566,7 @@ class ChatService:
         await call.send(ChatResponse.ack_response())
         call.attach(room, self._state(room).room.bus_seq)
         self._join(room, user, bus)
+        sending: asyncio.Future[StoredMessage] | None = None
         try:
             while True:
                 try:
@@ -584,10 +585,20 @@ class ChatService:
                     await call.send(ChatResponse.error_response(err))
                     continue
                 await self._pace(user, ctx)
-                stored = await self._send(room, user, m.content, bus)
+                # shielded: if the stream ends meanwhile, the message still completes (it is
+                # committed and published) and the user's leave is announced after it
+                sending = asyncio.ensure_future(self._send(room, user, m.content, bus))
+                stored = await asyncio.shield(sending)
                 await call.send(ChatResponse.ack_response(_to_message(stored)))
         finally:
-            self._leave(room, user, bus)
+            if sending is not None and not sending.done():
+                def leave_after(f: asyncio.Future[StoredMessage]) -> None:
+                    if not f.cancelled():
+                        f.exception()  # retrieved: the sender is gone, nobody else will read it
+                    self._leave(room, user, bus)
+                sending.add_done_callback(leave_after)
+            else:
+                self._leave(room, user, bus)
 
     async def list_users(self, request: ListUsersRequest, ctx: RequestContext) -> ListUsersResponse:
         """``Chat/ListUsers``: who is present in the room (by join time)."""
