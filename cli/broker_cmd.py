@@ -12,7 +12,7 @@ from dataclasses import replace
 import click
 
 from broker.broker import Broker, BrokerConfig
-from cli.common import LOG_LEVELS, run_async, setup_logging, tls_from_options
+from cli.common import LOG_LEVELS, run_async, setup_logging, tls_from_options, tune_gc
 from zrpc.auth import JwtAuthenticator
 from zrpc.config import ServerConfig, StreamConfig
 
@@ -204,6 +204,7 @@ def start(listen: str, workers: int, shards: int | None, data_dir: str | None, r
         log.info("shutting down (grace %.1fs)", grace)
         await broker.shutdown(grace)
 
+    tune_gc()
     run_async(run())
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import LOG_LEVELS, run_async, setup_logging
+from cli.common import LOG_LEVELS, run_async, setup_logging, tune_gc
 from workers.app import load_app
 from workers.runtime import Worker, WorkerConfig
 
@@ -65,6 +65,7 @@ def main(shard: int, shards: int, brokers: tuple[str, ...], bus: str | None, dat
             loop.add_signal_handler(sig, stop.set)
         await Worker(config, factory).run(stop)
 
+    tune_gc()
     run_async(run())
 
 
