@@ -25,20 +25,24 @@ def setup_logging(level: str, name: str) -> None:
     )
 
 
-def tune_gc() -> None:
+def tune_gc(young_threshold: int | None = None) -> None:
     """For the long-running server processes: fewer collector passes on the hot path.
 
     Everything imported so far is moved out of the collector's view
-    (``gc.freeze``), and a young-generation pass runs every 20,000 net
-    allocations instead of 700: per-call objects (tasks, futures, events) are
-    mostly freed by reference counting, so frequent passes were pure overhead
-    in the profiles (docs/performance.md).
+    (``gc.freeze``). A worker also raises the young-generation threshold
+    (``young_threshold`` net allocations instead of 700): its per-call objects
+    (tasks, futures) are freed by reference counting, so frequent passes were
+    overhead in the profiles. The broker keeps the default threshold: it meets
+    hostile clients, whose failed connections leave reference cycles
+    (exceptions and their tracebacks) that should be reclaimed promptly.
     """
     import gc
 
     gc.collect()
     gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
+    if young_threshold is not None:
+        _, g1, g2 = gc.get_threshold()
+        gc.set_threshold(young_threshold, g1, g2)
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:

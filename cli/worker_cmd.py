@@ -65,7 +65,7 @@ def main(shard: int, shards: int, brokers: tuple[str, ...], bus: str | None, dat
             loop.add_signal_handler(sig, stop.set)
         await Worker(config, factory).run(stop)
 
-    tune_gc()
+    tune_gc(young_threshold=20_000)
     run_async(run())
 
 
