@@ -584,6 +584,22 @@ async def _print_events(session: ChatSession, out: Output, seen: _Seen,
             on_end()
 
 
+async def _chat_line(s: Settings, client: ChatClient, session: ChatSession, room: str,
+                     text: str) -> tuple[bool, int]:
+    """One input line: a /command or a message. Returns (keep going, id of a sent message or 0)."""
+    if text.startswith("/") and not text.startswith("//"):
+        return await _chat_command(s, client, room, text), 0
+    stored = await session.send(text[1:] if text.startswith("//") else text)
+    return True, stored.id
+
+
+async def _stop_printer(printer: asyncio.Task[Any]) -> None:
+    if not printer.done():
+        printer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, RpcError):
+            await printer
+
+
 async def _chat_command(s: Settings, client: ChatClient, room: str, text: str) -> bool:
     """Handle a /command; False when it means: leave."""
     cmd = text.split()[0].lower()
@@ -614,21 +630,16 @@ async def _chat_piped(s: Settings, client: ChatClient, session: ChatSession, roo
             text = line.rstrip("\r\n")
             if not text.strip():
                 continue
-            if text.startswith("/") and not text.startswith("//"):
-                if not await _chat_command(s, client, room, text):
-                    break
-                continue
-            stored = await session.send(text[1:] if text.startswith("//") else text)
-            last_sent = stored.id
+            going, sent = await _chat_line(s, client, session, room, text)
+            last_sent = sent or last_sent
+            if not going:
+                break
         if last_sent and not printer.done():
             await seen.wait_for(last_sent, ECHO_WAIT_S)  # print our own messages before leaving
         await session.close()
         await printer
     finally:
-        if not printer.done():
-            printer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, RpcError):
-                await printer
+        await _stop_printer(printer)
 
 
 async def _chat_interactive(s: Settings, client: ChatClient, session: ChatSession,
@@ -662,18 +673,13 @@ async def _chat_interactive(s: Settings, client: ChatClient, session: ChatSessio
                 text = text.strip()
                 if not text:
                     continue
-                if text.startswith("/") and not text.startswith("//"):
-                    if not await _chat_command(s, client, room, text):
-                        break
-                    continue
-                await session.send(text[1:] if text.startswith("//") else text)
+                going, _ = await _chat_line(s, client, session, room, text)
+                if not going:
+                    break
             await session.close()
             await printer
         finally:
-            if not printer.done():
-                printer.cancel()
-                with contextlib.suppress(asyncio.CancelledError, RpcError):
-                    await printer
+            await _stop_printer(printer)
 
 
 # --------------------------------------------------------------------------- generic commands
