@@ -300,27 +300,31 @@ async def run_stream(spec: dict[str, Any]) -> dict[str, Any]:
         transport.abort()
         return win.result(proto.bytes // 64, [], "msgs/s", streams=1)
 
+    async def consume(messages: Any, w: int) -> bool:
+        """Count one stream's messages; False once the window is over or the cap reached."""
+        nonlocal ops
+        last = now()
+        async for _m in messages:
+            t = now()
+            seen[0] += 1
+            if win.measuring:
+                ops += 1
+                per_stream[w] += 1
+                lat.append(t - last)
+            last = t
+            if win.stopping or ops >= max_ops:
+                return False
+        return True
+
     if target == "zrpc":
         client = await zrpc_client(address)
 
         async def one_call(k: str, w: int) -> bool:
-            nonlocal ops
             stream = await client.server_stream("Bench/Stream", {"key": k, "n": STREAM_CHUNK}, dict)
-            last = now()
             try:
-                async for _m in stream:
-                    t = now()
-                    seen[0] += 1
-                    if win.measuring:
-                        ops += 1
-                        per_stream[w] += 1
-                        lat.append(t - last)
-                    last = t
-                    if win.stopping or ops >= max_ops:
-                        return False
+                return await consume(stream, w)
             finally:
                 await stream.close()
-            return True
         closer = client.close
     elif target == "grpc":
         from bench import grpc_peer
@@ -330,23 +334,11 @@ async def run_stream(spec: dict[str, Any]) -> dict[str, Any]:
         stubs = grpc_peer.Stubs(ch)
 
         async def one_call(k: str, w: int) -> bool:
-            nonlocal ops
             call = stubs.stream({"key": k, "n": STREAM_CHUNK})
-            last = now()
             try:
-                async for _m in call:
-                    t = now()
-                    seen[0] += 1
-                    if win.measuring:
-                        ops += 1
-                        per_stream[w] += 1
-                        lat.append(t - last)
-                    last = t
-                    if win.stopping or ops >= max_ops:
-                        return False
+                return await consume(call, w)
             finally:
                 call.cancel()
-            return True
         closer = ch.close
     else:
         raise ValueError(target)

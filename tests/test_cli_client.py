@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import uvloop
 from click.testing import CliRunner, Result
+from conftest import make_echo_service
 
 import zrpc
 from cli.client_cmd import EXIT_CODES, TimeParam, main
@@ -72,25 +73,7 @@ async def eventually_async(predicate: Callable[[], Awaitable[Any]], timeout: flo
 def extra_services() -> list[zrpc.Service]:
     """Test-only methods: the four kinds echoing plain maps, a call that never answers,
     and one that returns bytes."""
-    echo = zrpc.Service("Echo")
-
-    @echo.unary("Say", request=dict, response=dict)
-    async def say(request: Any, ctx: zrpc.RequestContext) -> Any:
-        return request
-
-    @echo.client_stream("Collect", request=dict, response=dict)
-    async def collect(call: zrpc.ServerCall) -> Any:
-        return {"items": [m async for m in call]}
-
-    @echo.server_stream("Repeat", request=dict, response=dict)
-    async def repeat(request: Any, call: zrpc.ServerCall) -> None:
-        for k in range(request["n"]):
-            await call.send({"i": k})
-
-    @echo.bidi("Chat", request=dict, response=dict)
-    async def chat(call: zrpc.ServerCall) -> None:
-        async for m in call:
-            await call.send(m)
+    echo = make_echo_service("Echo")  # the four kinds, shared with the framework tests
 
     slow = zrpc.Service("Slow")
 
