@@ -407,3 +407,105 @@ def test_acked_appends_survive_sigkill(tmp_path: Path) -> None:
         assert store.last_ids()["room"] == len(stored)
 
     run_with_store(StoreConfig(path), check)
+
+
+# -- idempotency keys --------------------------------------------------------
+
+
+def keyed(room: str, mid: int, key: str, ts: int = 0, user: str = "u") -> StoredMessage:
+    return StoredMessage(room, mid, user, f"m{mid}", ts, key)
+
+
+def test_idempotency_keys_survive_a_restart_and_retention(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.db")
+
+    async def first(store: MessageStore) -> None:
+        await store.append(keyed("a", 1, "k1", ts=10))
+        await store.append(keyed("a", 2, "k2", ts=20, user="v"))
+        await store.append(msg("a", 3, ts=30))
+        assert store.find_key("a", "u", "k1") == (1, 10)
+        assert store.find_key("a", "v", "k1") is None  # keys are per room and user
+        assert store.find_key("b", "u", "k1") is None
+        assert [m.idempotency_key for m in store.read("a")] == ["k1", "k2", ""]
+
+    run_with_store(StoreConfig(path), first)
+
+    async def second(store: MessageStore) -> None:
+        # history retention deletes messages but not the keys' window
+        assert store.apply_retention(now_ms=10**6) == 3
+        assert store.find_key("a", "u", "k1") == (1, 10)
+        assert store.find_key("a", "v", "k2") == (2, 20)
+
+    run_with_store(StoreConfig(path, retention_count=0), second)
+
+
+def test_a_duplicate_key_fails_its_batch(tmp_path: Path) -> None:
+    """The service never sends a key twice; if it did, nothing would be stored twice."""
+
+    async def body(store: MessageStore) -> None:
+        await store.append(keyed("a", 1, "k"))
+        with pytest.raises(sqlite3.IntegrityError):
+            await store.append(keyed("a", 2, "k"))
+        assert [m.id for m in store.read("a")] == [1]
+
+    run_with_store(StoreConfig(str(tmp_path / "s.db")), body)
+
+
+def test_key_window_is_age_and_count(tmp_path: Path) -> None:
+    cfg = StoreConfig(str(tmp_path / "s.db"), key_window_ms=1000, key_window_count=3,
+                      key_prune_interval_s=3600)
+
+    async def body(store: MessageStore) -> None:
+        for i in range(1, 11):
+            await store.append(keyed("a", i, f"k{i}", ts=i * 1000))
+        await store.append(keyed("b", 1, "k1", ts=1000))
+        # cutoff 7000: keys 1..6 are old; the 3 newest of "a" (8, 9, 10) stay anyway
+        assert store.prune_keys(now_ms=8000) == 6
+        assert [i for i in range(1, 11) if store.find_key("a", "u", f"k{i}")] == [7, 8, 9, 10]
+        assert store.find_key("b", "u", "k1") == (1, 1000)  # the newest of its room
+        # everything is old now: the 3 newest per room remain
+        assert store.prune_keys(now_ms=10**9) == 1
+        assert [i for i in range(1, 11) if store.find_key("a", "u", f"k{i}")] == [8, 9, 10]
+
+    run_with_store(cfg, body)
+
+
+def test_writer_prunes_keys_on_its_own(tmp_path: Path) -> None:
+    cfg = StoreConfig(str(tmp_path / "s.db"), key_window_ms=0, key_window_count=2,
+                      key_prune_interval_s=0)
+
+    async def body(store: MessageStore) -> None:
+        for i in range(1, 6):
+            await store.append(keyed("a", i, f"k{i}", ts=i))
+        # after a commit (and after notifying its waiters) the writer prunes "a"
+        # down to its 2 newest keys
+        await store.close()  # joins the writer thread
+
+    run_with_store(cfg, body)
+    conn = sqlite3.connect(cfg.path)
+    try:
+        assert conn.execute("SELECT key FROM idempotency_keys ORDER BY id").fetchall() == [
+            ("k4",), ("k5",)]
+    finally:
+        conn.close()
+
+
+def test_a_database_without_the_key_column_is_upgraded(tmp_path: Path) -> None:
+    path = str(tmp_path / "old.db")
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE rooms (name TEXT PRIMARY KEY, last_id INTEGER NOT NULL);"
+        "CREATE TABLE messages (room TEXT NOT NULL, id INTEGER NOT NULL,"
+        " user_name TEXT NOT NULL, content TEXT NOT NULL, ts INTEGER NOT NULL,"
+        " PRIMARY KEY (room, id));"
+        "INSERT INTO messages VALUES ('a', 1, 'u', 'old', 5);"
+        "INSERT INTO rooms VALUES ('a', 1);")
+    conn.close()
+
+    async def body(store: MessageStore) -> None:
+        await store.append(keyed("a", 2, "k"))
+        assert store.read("a") == [StoredMessage("a", 1, "u", "old", 5),
+                                   StoredMessage("a", 2, "u", "m2", 0, "k")]
+        assert store.find_key("a", "u", "k") == (2, 0)
+
+    run_with_store(StoreConfig(path), body)

@@ -27,6 +27,19 @@ were enqueued (so appends of one room keep their order).  If a transaction
 fails, every waiter of that batch receives the exception and nothing of the
 batch is stored.  A cancelled ``append`` does not withdraw its row.
 
+Idempotency keys
+----------------
+A message may carry a client-chosen ``idempotency_key``. It is stored in the
+message row and, in the same transaction, in the ``idempotency_keys`` table
+(primary key ``(room, user_name, key)``, its own index), which keeps the id
+and timestamp the message got. :meth:`MessageStore.find_key` looks a key up,
+so a retried send can be answered with the first ack after any number of
+restarts. Keys are kept for a window independent of the history retention:
+a key is pruned only once it is older than ``key_window_ms`` **and** not
+among the ``key_window_count`` newest keys of its room (so at least 24 h or
+the last 100,000 keys per room by default, whichever is larger). The writer
+thread prunes the rooms it wrote to at most every ``key_prune_interval_s``.
+
 Reads and retention use a second connection (WAL readers never block the
 writer).  All SQL is parameterised; text is bound as TEXT, which keeps quotes,
 NUL characters and any unicode intact.
@@ -35,15 +48,19 @@ NUL characters and any unicode intact.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
 __all__ = ["MessageStore", "StoreConfig", "StoredMessage"]
+
+log = logging.getLogger("zrpc.chat.store")
 
 _SYNCHRONOUS_MODES: Final = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 _BUSY_TIMEOUT_MS: Final = 5000
@@ -62,10 +79,33 @@ CREATE TABLE IF NOT EXISTS messages (
     PRIMARY KEY (room, id)
 );
 CREATE INDEX IF NOT EXISTS messages_room_ts ON messages (room, ts);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    room      TEXT    NOT NULL,
+    user_name TEXT    NOT NULL,
+    key       TEXT    NOT NULL,
+    id        INTEGER NOT NULL,
+    ts        INTEGER NOT NULL,
+    PRIMARY KEY (room, user_name, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_keys_room_id ON idempotency_keys (room, id);
 """
 
+# Databases created before idempotency keys lack this column (NULL: no key).
+_ADD_KEY_COLUMN: Final = "ALTER TABLE messages ADD COLUMN idem_key TEXT"
+
 _INSERT_MESSAGE: Final = (
-    "INSERT INTO messages (room, id, user_name, content, ts) VALUES (?, ?, ?, ?, ?)"
+    "INSERT INTO messages (room, id, user_name, content, ts, idem_key) VALUES (?, ?, ?, ?, ?, ?)"
+)
+_INSERT_KEY: Final = (
+    "INSERT INTO idempotency_keys (room, user_name, key, id, ts) VALUES (?, ?, ?, ?, ?)"
+)
+_FIND_KEY: Final = (
+    "SELECT id, ts FROM idempotency_keys WHERE room = ? AND user_name = ? AND key = ?"
+)
+# Keys of ``room`` older than the cutoff and not among its newest N (index room, id).
+_PRUNE_KEYS: Final = (
+    "DELETE FROM idempotency_keys WHERE room = ? AND ts < ? AND id <= ("
+    " SELECT id FROM idempotency_keys WHERE room = ? ORDER BY id DESC LIMIT 1 OFFSET ?)"
 )
 _UPSERT_LAST_ID: Final = (
     "INSERT INTO rooms (name, last_id) VALUES (?, ?) "
@@ -75,13 +115,17 @@ _UPSERT_LAST_ID: Final = (
 
 @dataclass(frozen=True, slots=True)
 class StoredMessage:
-    """One chat message as stored; ``timestamp`` is in milliseconds."""
+    """One chat message as stored; ``timestamp`` is in milliseconds.
+
+    ``idempotency_key`` is the client's key ("" when it sent none).
+    """
 
     room: str
     id: int
     user: str
     content: str
     timestamp: int
+    idempotency_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +138,9 @@ class StoreConfig:
     ``retention_count`` keeps at most that many newest messages per room and
     ``retention_age_ms`` drops messages older than that, both applied by
     :meth:`MessageStore.apply_retention`.  ``max_batch`` bounds the rows of
-    one group-commit transaction.
+    one group-commit transaction. Idempotency keys are kept while younger
+    than ``key_window_ms`` or among the ``key_window_count`` newest of their
+    room; pruning runs at most every ``key_prune_interval_s`` seconds.
     """
 
     path: str
@@ -102,6 +148,9 @@ class StoreConfig:
     retention_count: int | None = None
     retention_age_ms: int | None = None
     max_batch: int = 512
+    key_window_ms: int = 24 * 3600 * 1000
+    key_window_count: int = 100_000
+    key_prune_interval_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not self.path or self.path == ":memory:" or self.path.startswith("file:"):
@@ -116,6 +165,9 @@ class StoreConfig:
             raise ValueError("retention_age_ms must be >= 0")
         if self.max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if self.key_window_ms < 0 or self.key_window_count < 0 or self.key_prune_interval_s < 0:
+            raise ValueError("key_window_ms, key_window_count and key_prune_interval_s "
+                             "must be >= 0")
 
 
 # One queued append: the row, and the loop/future to resolve once it is committed.
@@ -169,6 +221,8 @@ class MessageStore:
         self._closed = False
         self._queue: queue.SimpleQueue[_Pending | _Stop] = queue.SimpleQueue()
         self._read_lock = threading.Lock()
+        self._key_rooms: set[str] = set()  # rooms given keys since the last prune (writer)
+        self._pruned_at = time.monotonic()
 
         parent = os.path.dirname(os.path.abspath(config.path))
         os.makedirs(parent, exist_ok=True)
@@ -179,6 +233,9 @@ class MessageStore:
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"cannot enable WAL mode (got {mode!r})")
             self._reader.executescript(_SCHEMA)
+            columns = {row[1] for row in self._reader.execute("PRAGMA table_info(messages)")}
+            if "idem_key" not in columns:
+                self._reader.execute(_ADD_KEY_COLUMN)
             self._writer_conn = _connect(config.path, config.synchronous)
         except BaseException:
             self._reader.close()
@@ -209,7 +266,7 @@ class MessageStore:
         """
         if self._closed:
             raise RuntimeError("MessageStore is closed")
-        for text in (message.room, message.user, message.content):
+        for text in (message.room, message.user, message.content, message.idempotency_key):
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError as exc:
@@ -244,7 +301,10 @@ class MessageStore:
             self._fail_leftovers()
 
     def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Pending]) -> None:
-        rows = [(m.room, m.id, m.user, m.content, m.timestamp) for m, _, _ in batch]
+        rows = [(m.room, m.id, m.user, m.content, m.timestamp, m.idempotency_key or None)
+                for m, _, _ in batch]
+        keys = [(m.room, m.user, m.idempotency_key, m.id, m.timestamp)
+                for m, _, _ in batch if m.idempotency_key]
         last: dict[str, int] = {}
         for m, _, _ in batch:
             if m.id > last.get(m.room, 0):
@@ -254,6 +314,8 @@ class MessageStore:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.executemany(_INSERT_MESSAGE, rows)
+                if keys:
+                    conn.executemany(_INSERT_KEY, keys)
                 conn.executemany(_UPSERT_LAST_ID, last.items())
                 conn.execute("COMMIT")
             except BaseException:
@@ -266,7 +328,33 @@ class MessageStore:
             self.commits += 1
             self.committed_rows += len(batch)
             self.largest_batch = max(self.largest_batch, len(batch))
+            self._key_rooms.update(k[0] for k in keys)
         self._notify(batch, error)
+        if self._key_rooms and (time.monotonic() - self._pruned_at
+                                >= self.config.key_prune_interval_s):
+            self._prune_keys(conn, self._key_rooms, int(time.time() * 1000))
+            self._key_rooms = set()
+            self._pruned_at = time.monotonic()
+
+    def _prune_keys(self, conn: sqlite3.Connection, rooms: Iterable[str], now_ms: int) -> int:
+        """Delete the keys of ``rooms`` that left the window; returns how many."""
+        cutoff = now_ms - self.config.key_window_ms
+        keep = self.config.key_window_count
+        deleted = 0
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for room in rooms:
+                    deleted += conn.execute(_PRUNE_KEYS, (room, cutoff, room, keep)).rowcount
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:  # pruning is housekeeping: the next round retries
+            log.warning("pruning idempotency keys failed: %s", exc)
+            return 0
+        return deleted
 
     @staticmethod
     def _notify(batch: Iterable[_Pending], error: BaseException | None) -> None:
@@ -293,6 +381,13 @@ class MessageStore:
 
     # -- reads --------------------------------------------------------------
 
+    def find_key(self, room: str, user: str, key: str) -> tuple[int, int] | None:
+        """``(id, timestamp)`` of the committed message ``user`` sent to ``room``
+        with idempotency ``key``, or None (never stored, or out of the window)."""
+        with self._read_lock:
+            row = self._reader.execute(_FIND_KEY, (room, user, key)).fetchone()
+        return None if row is None else (row[0], row[1])
+
     def last_ids(self) -> dict[str, int]:
         """Room -> highest message id ever committed (retention does not lower it)."""
         with self._read_lock:
@@ -311,7 +406,8 @@ class MessageStore:
         ``timestamp > after_timestamp``), ascending by id, at most ``limit``."""
         if limit < 0:
             raise ValueError("limit must be >= 0")
-        sql = "SELECT id, user_name, content, ts FROM messages WHERE room = ? AND id > ?"
+        sql = ("SELECT id, user_name, content, ts, idem_key FROM messages"
+               " WHERE room = ? AND id > ?")
         params: list[str | int] = [room, after_id]
         if after_timestamp is not None:
             sql += " AND ts > ?"
@@ -320,7 +416,8 @@ class MessageStore:
         params.append(limit)
         with self._read_lock:
             rows = self._reader.execute(sql, params).fetchall()
-        return [StoredMessage(room, mid, user, content, ts) for mid, user, content, ts in rows]
+        return [StoredMessage(room, mid, user, content, ts, key or "")
+                for mid, user, content, ts, key in rows]
 
     # -- retention ----------------------------------------------------------
 
@@ -329,6 +426,7 @@ class MessageStore:
         ``now_ms - retention_age_ms``; returns the number of rows deleted.
 
         ``rooms.last_id`` is untouched, so ids keep increasing after a purge.
+        Idempotency keys have their own window (see :meth:`prune_keys`).
         """
         count = self.config.retention_count
         age = self.config.retention_age_ms
@@ -360,6 +458,15 @@ class MessageStore:
                     conn.execute("ROLLBACK")
                 raise
         return deleted
+
+    def prune_keys(self, now_ms: int) -> int:
+        """Delete the idempotency keys of every room that left the window
+        (see :class:`StoreConfig`); returns how many. The writer thread also
+        does this on its own for the rooms it writes to."""
+        with self._read_lock:
+            rooms = [r for (r,) in self._reader.execute(
+                "SELECT DISTINCT room FROM idempotency_keys").fetchall()]
+            return self._prune_keys(self._reader, rooms, now_ms)
 
     # -- lifecycle ----------------------------------------------------------
 
