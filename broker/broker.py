@@ -24,21 +24,21 @@ from typing import Any
 import msgpack
 import zmq
 
-from broker.edge import EdgeSession
+from broker.edge import EdgeProtocol, EdgeSession
 from broker.metrics import BrokerMetrics
 from broker.registry import WorkerInfo, WorkerRegistry
 from broker.supervisor import Supervisor, WorkerSpec
 from broker.web import WebServer
-from zrpc import cluster
+from cluster import wire
+from cluster.sharding import shard_for
+from cluster.zmqio import SocketReader
 from zrpc.client import parse_address
 from zrpc.config import ServerConfig
 from zrpc.dispatch import Authenticator
 from zrpc.fanout import FanOut
-from zrpc.limits import CLOSE_LINGER_S, IdleTimer, IpCounter, admit_connection, peer_name
-from zrpc.sharding import shard_for
+from zrpc.limits import IpCounter
 from zrpc.status import Status
-from zrpc.tls import TlsConfig, peer_identity, zrpc_home
-from zrpc.zmqio import SocketReader
+from zrpc.tls import TlsConfig, zrpc_home
 
 __all__ = ["Broker", "BrokerConfig"]
 
@@ -71,77 +71,13 @@ class BrokerConfig:
         return n
 
 
-class _EdgeProtocol(asyncio.Protocol):
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
-        self.session: EdgeSession | None = None
-        self.transport: Any = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._linger: asyncio.TimerHandle | None = None
-        self._idle: IdleTimer | None = None
-
-    def connection_made(self, transport: Any) -> None:  # uvloop's transports are not asyncio.Transport
-        broker = self.broker
-        cfg = broker.config.server
-        ip = admit_connection(transport, serving=not broker.stopping,
-                              open_connections=len(broker.sessions) - len(broker.internal),  # clients only
-                              max_connections=cfg.max_connections, per_ip=broker.per_ip)
-        if ip is None:
-            return
-        self.transport = transport
-        peer = peer_name(transport)
-        s = EdgeSession(broker, broker.next_cid(), transport.write, self._close_transport, peer=peer)
-        s.ip = ip  # released by Broker.session_closed
-        ssl_obj = transport.get_extra_info("ssl_object")
-        if ssl_obj is not None:
-            s.identity = peer_identity(ssl_obj)
-        self.session = s
-        broker.sessions[s.cid] = s
-        self._timer = s.loop.call_later(cfg.handshake_timeout_ms / 1000, self._expired)
-        if cfg.idle_timeout_ms:
-            self._idle = IdleTimer(s, cfg.idle_timeout_ms)
-
-    def _close_transport(self) -> None:
-        """Close the socket; abort it if the peer does not finish the TLS close promptly."""
-        if self._idle is not None:
-            self._idle.cancel()
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.close()
-            self._linger = asyncio.get_running_loop().call_later(CLOSE_LINGER_S, transport.abort)
-
-    def _expired(self) -> None:
-        s = self.session
-        if s is not None and not s.hello_received:
-            s.conn.close(Status.DEADLINE_EXCEEDED, "no HELLO within handshake_timeout_ms "
-                         f"({self.broker.config.server.handshake_timeout_ms})")
-            s.terminate(Status.DEADLINE_EXCEEDED, "handshake timeout")
-
-    def data_received(self, data: bytes) -> None:
-        s = self.session
-        if s is not None:
-            s.data_received(data)
-            if self._timer is not None and s.hello_received:
-                self._timer.cancel()
-                self._timer = None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._linger is not None:
-            self._linger.cancel()
-        if self._idle is not None:
-            self._idle.cancel()
-        if self.session is not None:
-            self.session.connection_lost(exc)
-
-
 class Broker:
     """The front process (see module docstring)."""
 
     def __init__(self, config: BrokerConfig | None = None, *,
                  authenticator: Authenticator | None = None) -> None:
         self.config = config or BrokerConfig()
+        self.server_config = self.config.server
         self.shards = self.config.shard_count
         self.authenticator = authenticator or self.config.server.authenticator
         interval = self.config.heartbeat_ms / 1000
@@ -218,15 +154,17 @@ class Broker:
         ctx = tls.server_context()
         host, port = parse_address(cfg.listen)
         self._server = await loop.create_server(
-            lambda: _EdgeProtocol(self), host, port, ssl=ctx, backlog=1024,
+            lambda: EdgeProtocol(self), host, port, ssl=ctx, backlog=1024,
             ssl_handshake_timeout=cfg.server.handshake_timeout_ms / 1000 if ctx else None)
         name = self._server.sockets[0].getsockname()
         self.address = (name[0], name[1])
         if cfg.web_port is not None:
-            self.web = WebServer(self, WebServer.context_for(ctx, tls), host, cfg.web_port, cfg.web_origins)
+            self.web = WebServer(lambda: EdgeProtocol(self), cfg.server, WebServer.context_for(ctx, tls),
+                                 host, cfg.web_port, cfg.web_origins)
             await self.web.start()
         if cfg.metrics_port is not None:
-            self.metrics.bind(self)
+            self.metrics.bind(self.fanout, live_workers=lambda: len(self.registry.by_identity),
+                              connections=lambda: len(self.sessions))
             self.metrics.serve(cfg.metrics_port)
         if cfg.workers > 0:
             data_dir = cfg.data_dir or str(zrpc_home() / "data")
@@ -260,10 +198,10 @@ class Broker:
         self._router_reader.kick()
 
     def send_frames(self, identity: bytes, cid: bytes, data: bytes) -> None:
-        self._send([identity, cluster.FRAMES, cid, data])
+        self._send([identity, wire.FRAMES, cid, data])
 
     def disconnect_upstream(self, identity: bytes, cid: bytes) -> None:
-        self._send([identity, cluster.DISCONNECT, cid])
+        self._send([identity, wire.DISCONNECT, cid])
 
     def _on_worker(self, msg: list[bytes]) -> None:
         if len(msg) < 2:
@@ -271,34 +209,34 @@ class Broker:
         identity, cmd = msg[0], msg[1]
         self._from_workers()
         now = asyncio.get_running_loop().time()
-        if cmd == cluster.READY:
+        if cmd == wire.READY:
             self._ready(identity, msg, now)
             return
         worker = self.registry.heard(identity, now)
         if worker is None:
-            self._send([identity, cluster.REFUSED, msgpack.packb("unknown worker: send READY")])
+            self._send([identity, wire.REFUSED, msgpack.packb("unknown worker: send READY")])
             return
-        if cmd == cluster.FRAMES and len(msg) == 4:
+        if cmd == wire.FRAMES and len(msg) == 4:
             edge = self.sessions.get(msg[2])
             if edge is not None:
                 edge.from_worker(identity, msg[3])
             else:
-                self._send([identity, cluster.DISCONNECT, msg[2]])
-        elif cmd == cluster.HEARTBEAT:
+                self._send([identity, wire.DISCONNECT, msg[2]])
+        elif cmd == wire.HEARTBEAT:
             if len(msg) > 2:
                 for topic, seq in msgpack.unpackb(msg[2]).items():
                     self.fanout.observe(topic, seq)
-        elif cmd == cluster.ATTACH and len(msg) == 4:
+        elif cmd == wire.ATTACH and len(msg) == 4:
             edge = self.sessions.get(msg[2])
             if edge is not None:
                 sid, topic, after = msgpack.unpackb(msg[3])
                 edge.attach(identity, sid, topic, after)
-        elif cmd == cluster.REPAIR:
+        elif cmd == wire.REPAIR:
             topic, events = msgpack.unpackb(msg[2])
             self.fanout.repair(topic, None if events is None else [(s, p) for s, p in events])
-        elif cmd == cluster.CLIENT and len(msg) == 3:
+        elif cmd == wire.CLIENT and len(msg) == 3:
             self._internal(identity).data_received(msg[2])
-        elif cmd == cluster.BYE:
+        elif cmd == wire.BYE:
             w = self.registry.remove(identity)
             if w is not None:
                 self._worker_dead(w, f"worker for shard {w.shard} stopped")
@@ -306,13 +244,13 @@ class Broker:
     def _ready(self, identity: bytes, msg: list[bytes], now: float) -> None:
         try:
             info = msgpack.unpackb(msg[2]) if len(msg) > 2 else {}
-            if not isinstance(info, dict) or info.get("version") != cluster.CLUSTER_VERSION:
+            if not isinstance(info, dict) or info.get("version") != wire.CLUSTER_VERSION:
                 raise ValueError(f"unsupported cluster version {info.get('version') if isinstance(info, dict) else None!r}")
             old = self.registry.by_identity.get(identity)
             w = self.registry.register(identity, info, now)
         except (ValueError, TypeError, KeyError) as exc:
             log.warning("refusing worker: %s", exc)
-            self._send([identity, cluster.REFUSED, msgpack.packb(str(exc))])
+            self._send([identity, wire.REFUSED, msgpack.packb(str(exc))])
             return
         self._ready_changed.set()
         if old is None:
@@ -320,13 +258,13 @@ class Broker:
         if w.bus and w.bus not in self._bus_connected:
             self.sub.connect(w.bus)
             self._bus_connected.add(w.bus)
-        self._send([identity, cluster.HEARTBEAT])
+        self._send([identity, wire.HEARTBEAT])
 
     def _internal(self, identity: bytes) -> EdgeSession:
         s = self.internal.get(identity)
         if s is None or s.closed:
             cid = self.next_cid()
-            s = EdgeSession(self, cid, lambda data: self._send([identity, cluster.CLIENT, data]),
+            s = EdgeSession(self, cid, lambda data: self._send([identity, wire.CLIENT, data]),
                             lambda: None, peer="worker", internal_worker=identity)
             self.internal[identity] = s
             self.sessions[cid] = s
@@ -336,21 +274,21 @@ class Broker:
         if len(msg) != 3:
             return
         self._bus_events()
-        self.fanout.publish(msg[0][:-1].decode("utf-8", "surrogatepass"), cluster.SEQ.unpack(msg[1])[0], msg[2])
+        self.fanout.publish(msg[0][:-1].decode("utf-8", "surrogatepass"), wire.SEQ.unpack(msg[1])[0], msg[2])
 
     def subscribe(self, topic: str) -> None:
-        self.sub.setsockopt(zmq.SUBSCRIBE, cluster.topic_frame(topic))
+        self.sub.setsockopt(zmq.SUBSCRIBE, wire.topic_frame(topic))
 
     def unsubscribe(self, topic: str) -> None:
         with contextlib.suppress(zmq.ZMQError):
-            self.sub.setsockopt(zmq.UNSUBSCRIBE, cluster.topic_frame(topic))
+            self.sub.setsockopt(zmq.UNSUBSCRIBE, wire.topic_frame(topic))
 
     def _gap(self, topic: str, after: int, upto: int | None) -> None:
         w = self.registry.for_shard(shard_for(topic, self.shards))
         if w is None:
             self.fanout.repair(topic, None)
             return
-        self._send([w.identity, cluster.GAP, msgpack.packb([topic, after, upto])])
+        self._send([w.identity, wire.GAP, msgpack.packb([topic, after, upto])])
 
     # ------------------------------------------------------------ liveness
     async def _heartbeat(self) -> None:
@@ -361,7 +299,7 @@ class Broker:
             for w in self.registry.expired(loop.time()):
                 self._worker_dead(w, f"worker for shard {w.shard} stopped answering heartbeats")
             for identity in list(self.registry.by_identity):
-                self._send([identity, cluster.HEARTBEAT])
+                self._send([identity, wire.HEARTBEAT])
 
     def _worker_exited(self, shard: int, pid: int, code: int) -> None:
         w = self.registry.remove_pid(pid)

@@ -20,15 +20,18 @@ key must be read.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 
-from zrpc.auth import trust_principal
+from cluster.sharding import shard_for
+from cluster.wire import trust_principal
 from zrpc.codec import decompress
+from zrpc.limits import CLOSE_LINGER_S, IdleTimer, admit_connection, peer_name
 from zrpc.protocol.connection import Connection, Role, Settings
 from zrpc.protocol.events import (
     ConnectionTerminated,
@@ -42,14 +45,18 @@ from zrpc.protocol.events import (
     WindowUpdated,
 )
 from zrpc.session import SessionBase, trace_events
-from zrpc.sharding import shard_for
 from zrpc.status import RpcError, Status
+from zrpc.tls import peer_identity
 
 if TYPE_CHECKING:
-    from broker.broker import Broker
-    from broker.registry import WorkerInfo
+    from broker.metrics import BrokerMetrics
+    from broker.registry import WorkerInfo, WorkerRegistry
+    from zrpc.config import ServerConfig
+    from zrpc.dispatch import Authenticator
+    from zrpc.fanout import FanOut
+    from zrpc.limits import IpCounter
 
-__all__ = ["SHARD_KEY_HEADER", "EdgeSession", "Relay", "Upstream"]
+__all__ = ["SHARD_KEY_HEADER", "EdgeHost", "EdgeProtocol", "EdgeSession", "Relay", "Upstream"]
 
 log = logging.getLogger("zrpc.broker.edge")
 SHARD_KEY_HEADER = "zrpc-shard-key"
@@ -77,6 +84,31 @@ def shard_key(payload: bytes, field: str | None) -> Any:
             return unpacker.unpack()
         unpacker.skip()
     return None
+
+
+class EdgeHost(Protocol):
+    """What edge sessions need of their broker (:class:`broker.broker.Broker`; a fake in tests)."""
+
+    server_config: ServerConfig
+    authenticator: Authenticator | None
+    metrics: BrokerMetrics
+    registry: WorkerRegistry
+    fanout: FanOut
+    local_methods: dict[str, Callable[[Any], Any]]
+    sessions: dict[bytes, EdgeSession]        # every live session by connection id
+    internal: dict[bytes, EdgeSession]        # the workers' own client sessions, by worker
+    per_ip: IpCounter
+    stopping: bool
+
+    def next_cid(self) -> bytes: ...
+
+    def send_frames(self, identity: bytes, cid: bytes, data: bytes) -> None: ...
+
+    def disconnect_upstream(self, identity: bytes, cid: bytes) -> None: ...
+
+    def subscribe(self, topic: str) -> None: ...
+
+    def session_closed(self, session: EdgeSession) -> None: ...
 
 
 class Upstream:
@@ -262,10 +294,10 @@ class Relay:
 class EdgeSession(SessionBase):
     """One client connection at the broker (see module docstring)."""
 
-    def __init__(self, broker: Broker, cid: bytes, write: Callable[[bytes], Any],
+    def __init__(self, broker: EdgeHost, cid: bytes, write: Callable[[bytes], Any],
                  close_transport: Callable[[], Any], *, peer: str | None,
                  internal_worker: bytes | None = None) -> None:
-        cfg = broker.config.server
+        cfg = broker.server_config
         counted = broker.metrics.bytes_out.inc
         self._bytes_in = broker.metrics.bytes_in.inc
 
@@ -497,3 +529,70 @@ class EdgeSession(SessionBase):
             self.broker.disconnect_upstream(identity, self.cid)
         self.upstreams.clear()
         self.broker.session_closed(self)
+
+
+class EdgeProtocol(asyncio.Protocol):
+    """asyncio glue of one client connection: admission, handshake and idle timers, linger."""
+
+    def __init__(self, broker: EdgeHost) -> None:
+        self.broker = broker
+        self.session: EdgeSession | None = None
+        self.transport: Any = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
+        self._idle: IdleTimer | None = None
+
+    def connection_made(self, transport: Any) -> None:  # uvloop's transports are not asyncio.Transport
+        broker = self.broker
+        cfg = broker.server_config
+        ip = admit_connection(transport, serving=not broker.stopping,
+                              open_connections=len(broker.sessions) - len(broker.internal),  # clients only
+                              max_connections=cfg.max_connections, per_ip=broker.per_ip)
+        if ip is None:
+            return
+        self.transport = transport
+        peer = peer_name(transport)
+        s = EdgeSession(broker, broker.next_cid(), transport.write, self._close_transport, peer=peer)
+        s.ip = ip  # released by Broker.session_closed
+        ssl_obj = transport.get_extra_info("ssl_object")
+        if ssl_obj is not None:
+            s.identity = peer_identity(ssl_obj)
+        self.session = s
+        broker.sessions[s.cid] = s
+        self._timer = s.loop.call_later(cfg.handshake_timeout_ms / 1000, self._expired)
+        if cfg.idle_timeout_ms:
+            self._idle = IdleTimer(s, cfg.idle_timeout_ms)
+
+    def _close_transport(self) -> None:
+        """Close the socket; abort it if the peer does not finish the TLS close promptly."""
+        if self._idle is not None:
+            self._idle.cancel()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+            self._linger = asyncio.get_running_loop().call_later(CLOSE_LINGER_S, transport.abort)
+
+    def _expired(self) -> None:
+        s = self.session
+        if s is not None and not s.hello_received:
+            s.conn.close(Status.DEADLINE_EXCEEDED, "no HELLO within handshake_timeout_ms "
+                         f"({self.broker.server_config.handshake_timeout_ms})")
+            s.terminate(Status.DEADLINE_EXCEEDED, "handshake timeout")
+
+    def data_received(self, data: bytes) -> None:
+        s = self.session
+        if s is not None:
+            s.data_received(data)
+            if self._timer is not None and s.hello_received:
+                self._timer.cancel()
+                self._timer = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._linger is not None:
+            self._linger.cancel()
+        if self._idle is not None:
+            self._idle.cancel()
+        if self.session is not None:
+            self.session.connection_lost(exc)

@@ -6,6 +6,7 @@ delivery (those are summed by the fan-out and exported on scrape).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -13,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from zrpc.status import Status
 
 if TYPE_CHECKING:
-    from broker.broker import Broker
+    from zrpc.fanout import FanOut
 
 __all__ = ["BrokerMetrics"]
 
@@ -40,13 +41,13 @@ class BrokerMetrics:
     def call_done(self, method: str, code: int) -> None:
         self.calls.labels(method, Status.coerce(code).name).inc()
 
-    def bind(self, broker: Broker) -> None:
-        fan = broker.fanout
+    def bind(self, fan: FanOut, *, live_workers: Callable[[], int], connections: Callable[[], int]) -> None:
+        """Export what is read on scrape: the fan-out's sums and two live counts."""
         self.fanout_deliveries.set_function(lambda: fan.deliveries)
         self.fanout_gaps.set_function(lambda: fan.gaps)
         self.fanout_repairs.set_function(lambda: fan.repairs)
-        self.workers_live.set_function(lambda: len(broker.registry.by_identity))
-        self.connections.set_function(lambda: len(broker.sessions))
+        self.workers_live.set_function(live_workers)
+        self.connections.set_function(connections)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -8,7 +8,7 @@ One listener on the broker's event loop (the ``websockets`` package) serves
 * ``/zrpc``: a WebSocket endpoint where every connection is one zrpc
   connection (docs/protocol.md section 1.1). The binary messages carry the
   zrpc byte stream; it is fed to an :class:`~broker.edge.EdgeSession` through
-  the same ``_EdgeProtocol`` as a TLS connection on the main listener, so a
+  the same :class:`~broker.edge.EdgeProtocol` as a TLS connection on the main listener, so a
   WebSocket client gets the same router, fan-out, flow control, limits
   (max_connections, max_connections_per_ip, handshake and idle timeouts),
   authentication and shutdown as any other client. Nothing here parses zrpc.
@@ -32,7 +32,7 @@ import mimetypes
 import os
 import re
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +45,8 @@ from zrpc.protocol.frames import CONTROL_FRAME_LIMIT, HEADER_SIZE
 from zrpc.status import Status
 
 if TYPE_CHECKING:
-    from broker.broker import Broker
+    from broker.edge import EdgeProtocol
+    from zrpc.config import ServerConfig
 
 __all__ = ["WEB_ROOT", "WebServer", "web_root"]
 
@@ -83,7 +84,7 @@ def _norm_origin(origin: str) -> str:
 
 
 class _WsTransport:
-    """What ``_EdgeProtocol`` needs of a transport, over one WebSocket.
+    """What :class:`~broker.edge.EdgeProtocol` needs of a transport, over one WebSocket.
 
     ``write`` is synchronous (as for a socket): data queues here and a writer
     task sends it, everything queued so far in one binary message. The queue
@@ -154,9 +155,11 @@ class _WsTransport:
 class WebServer:
     """The ``--web-port`` listener of one broker (see module docstring)."""
 
-    def __init__(self, broker: Broker, tls_context: ssl.SSLContext | None, host: str, port: int,
+    def __init__(self, protocol: Callable[[], EdgeProtocol], server_config: ServerConfig,
+                 tls_context: ssl.SSLContext | None, host: str, port: int,
                  origins: Iterable[str] = (), root: Path | None = None) -> None:
-        self.broker = broker
+        self.protocol = protocol        # a new edge connection of the broker
+        self.server_config = server_config
         self.ssl = tls_context
         self.host = host
         self.port = port
@@ -166,7 +169,7 @@ class WebServer:
         self.server: Server | None = None
         self.address: tuple[str, int] | None = None
         self.transports: set[_WsTransport] = set()
-        cfg = broker.config.server
+        cfg = server_config
         self.max_ws_message = max(cfg.max_message_size, CONTROL_FRAME_LIMIT) + HEADER_SIZE
         self._csp = self._content_security_policy()
         if not (self.root / MSGPACK_ESM / "index.mjs").is_file():
@@ -183,7 +186,7 @@ class WebServer:
         return ctx
 
     async def start(self) -> tuple[str, int]:
-        cfg = self.broker.config.server
+        cfg = self.server_config
         self.server = await serve(
             self._handler, self.host, self.port, ssl=self.ssl,
             process_request=self._process_request,
@@ -276,11 +279,9 @@ class WebServer:
 
     # ----------------------------------------------------------- WebSocket
     async def _handler(self, ws: ServerConnection) -> None:
-        from broker.broker import _EdgeProtocol
-
         transport = _WsTransport(ws)
         self.transports.add(transport)
-        proto = _EdgeProtocol(self.broker)
+        proto = self.protocol()
         proto.connection_made(transport)
         try:
             if proto.session is None:  # refused (limits, shutting down): a GOAWAY is on its way

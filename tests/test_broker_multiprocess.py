@@ -13,8 +13,8 @@ import pytest
 import uvloop
 
 import zrpc
+from cluster.sharding import shard_for
 from procs import BrokerProc, children, start_broker, start_worker, wait_for
-from zrpc.sharding import shard_for
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(120)]
 

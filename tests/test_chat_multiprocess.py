@@ -13,6 +13,7 @@ import pytest
 import uvloop
 
 import zrpc
+from cluster.sharding import shard_for
 from procs import BrokerProc, children, start_broker
 from zrpc.chat import (
     BatchSummary,
@@ -23,7 +24,6 @@ from zrpc.chat import (
     ResponseType,
     SubscribeRequest,
 )
-from zrpc.sharding import shard_for
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(120)]
 

@@ -25,15 +25,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import zrpc
+from cluster.sharding import shard_for
 from procs import BIN, BrokerProc, env_for, start_broker
+from workers.chat.policy import authorize_room, room_allowed
 from workers.chat.service import ChatConfig, ChatService
 from zrpc.auth import (
     JwtAuthenticator,
-    authorize_room,
     expiry_delay,
     mint_token,
     require_identity,
-    room_allowed,
 )
 from zrpc.chat import (
     BatchSummary,
@@ -45,7 +45,6 @@ from zrpc.chat import (
     SubscribeRequest,
 )
 from zrpc.context import RequestContext
-from zrpc.sharding import shard_for
 from zrpc.status import Status
 from zrpc.tls import TlsConfig, issue_client_certificate
 

@@ -24,14 +24,14 @@ from typing import Any, Protocol
 import msgpack
 import zmq
 
-from zrpc import cluster
-from zrpc.auth import trust_principal
+from cluster import wire
+from cluster.wire import trust_principal
+from cluster.zmqio import SocketReader
 from zrpc.client import Client, ClientSession
 from zrpc.config import ClientConfig, ServerConfig
 from zrpc.dispatch import Dispatcher, ServerCall, ServerSession
 from zrpc.service import Service
 from zrpc.status import RpcError, Status
-from zrpc.zmqio import SocketReader
 
 __all__ = ["App", "Worker", "WorkerConfig", "ZmqBus"]
 
@@ -79,7 +79,7 @@ class ZmqBus:
 
     def publish(self, topic: str, seq: int, payload: bytes) -> None:
         try:
-            self._send([cluster.topic_frame(topic), cluster.SEQ.pack(seq), payload], zmq.NOBLOCK)
+            self._send([wire.topic_frame(topic), wire.SEQ.pack(seq), payload], zmq.NOBLOCK)
         except zmq.Again:  # a subscriber's queue is full: the broker repairs the gap from us
             self.dropped += 1
 
@@ -117,7 +117,7 @@ class BrokerLink:
         self.reader = SocketReader(sock, self._handle)
 
     def _ready(self) -> None:
-        self.send([cluster.READY, msgpack.packb(self.worker.ready_info())])
+        self.send([wire.READY, msgpack.packb(self.worker.ready_info())])
 
     def drop_all(self) -> None:
         for s in list(self.sessions.values()):
@@ -139,7 +139,7 @@ class BrokerLink:
             await asyncio.sleep(interval)  # the heartbeat period itself
             now = loop.time()
             if self.registered.is_set():
-                self.send([cluster.HEARTBEAT, msgpack.packb(self.worker.activity())])
+                self.send([wire.HEARTBEAT, msgpack.packb(self.worker.activity())])
                 if now - self.last_heard > interval * cfg.liveness:
                     log.warning("broker %s silent for %d heartbeats; cancelling its %d session(s)",
                                 self.endpoint, cfg.liveness, len(self.sessions))
@@ -152,26 +152,26 @@ class BrokerLink:
     def _handle(self, msg: list[bytes]) -> bool:
         self.last_heard = self.reader.loop.time()
         cmd = msg[0]
-        if cmd == cluster.FRAMES:
+        if cmd == wire.FRAMES:
             cid = msg[1]
             s = self.sessions.get(cid)
             if s is None:
                 s = self._session(cid)
             s.data_received(msg[2])
-        elif cmd == cluster.HEARTBEAT:
+        elif cmd == wire.HEARTBEAT:
             self.registered.set()
-        elif cmd == cluster.DISCONNECT:
+        elif cmd == wire.DISCONNECT:
             s = self.sessions.pop(msg[1], None)
             if s is not None:
                 s.connection_lost(None)
-        elif cmd == cluster.GAP:
+        elif cmd == wire.GAP:
             topic, after, upto = msgpack.unpackb(msg[1])
             events = self.worker.app.replay(topic, after, upto)
-            self.send([cluster.REPAIR, msgpack.packb([topic, events])])
-        elif cmd == cluster.CLIENT:
+            self.send([wire.REPAIR, msgpack.packb([topic, events])])
+        elif cmd == wire.CLIENT:
             if self.client_session is not None:
                 self.client_session.data_received(msg[1])
-        elif cmd == cluster.REFUSED:
+        elif cmd == wire.REFUSED:
             reason = msgpack.unpackb(msg[1]) if len(msg) > 1 else "?"
             log.warning("broker %s refused us: %s; registering again", self.endpoint, reason)
             if self.registered.is_set():
@@ -183,7 +183,7 @@ class BrokerLink:
         w = self.worker
 
         def write(data: bytes) -> None:
-            self.send([cluster.FRAMES, cid, data])
+            self.send([wire.FRAMES, cid, data])
 
         def close() -> None:
             self.sessions.pop(cid, None)
@@ -198,7 +198,7 @@ class BrokerLink:
         s = self.client_session
         if s is None or s.closed:
             s = ClientSession(ClientConfig(request_timeout_ms=30_000, keepalive_interval_ms=None),
-                              lambda data: self.send([cluster.CLIENT, data]), lambda: None)
+                              lambda data: self.send([wire.CLIENT, data]), lambda: None)
             self.client_session = s
             s.start()
         await s.hello
@@ -226,7 +226,7 @@ class Worker:
 
     def ready_info(self) -> dict[str, Any]:
         cfg = self.config
-        return {"version": cluster.CLUSTER_VERSION, "shard": cfg.shard, "shards": cfg.shards,
+        return {"version": wire.CLUSTER_VERSION, "shard": cfg.shard, "shards": cfg.shards,
                 "pid": os.getpid(), "methods": self.dispatcher.describe(),
                 "settings": {"version": 1, **cfg.server.settings().announce()}, "bus": cfg.bus}
 
@@ -234,7 +234,7 @@ class Worker:
         return self.app.drain_activity()
 
     def owns(self, key: str) -> bool:
-        from zrpc.sharding import shard_for
+        from cluster.sharding import shard_for
         return shard_for(key, self.config.shards) == self.config.shard
 
     def _attach(self, call: ServerCall, topic: str, after_seq: int) -> None:
@@ -243,7 +243,7 @@ class Worker:
             raise RpcError(Status.INTERNAL, "stream is not attached to a broker")
         link, cid = route
         call.session.flush()  # what the handler sent so far must reach the broker before the attach
-        link.send([cluster.ATTACH, cid, msgpack.packb([call.sid, topic, after_seq])])
+        link.send([wire.ATTACH, cid, msgpack.packb([call.sid, topic, after_seq])])
 
     async def client(self) -> Client:
         """A client through the first registered broker."""
@@ -261,7 +261,7 @@ class Worker:
             await stop.wait()
         finally:
             for link in self.links:
-                link.send([cluster.BYE])
+                link.send([wire.BYE])
                 link.drop_all()
             for t in tasks:
                 t.cancel()

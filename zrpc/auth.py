@@ -1,4 +1,4 @@
-"""Authentication and authorisation: JWT bearer tokens, the ``rooms`` claim.
+"""Authentication: JWT bearer tokens checked at HELLO.
 
 A client sends its token in HELLO (``ClientConfig.token``, ``zrpc --token``).
 :class:`JwtAuthenticator` is the server's ``authenticator(hello, peer) ->
@@ -16,16 +16,15 @@ is closed with UNAUTHENTICATED when it expires (the broker edge and
 :class:`~zrpc.dispatch.ServerSession` schedule it), so a long-lived stream
 cannot outlive its credentials.
 
-Authorisation is per room: the optional ``rooms`` claim lists the rooms
-(names or :mod:`fnmatch` globs such as ``"team-*"``) the holder may touch;
-without it, every room. :func:`authorize_room` raises PERMISSION_DENIED.
+Claims other than ``sub`` are the application's: the chat's ``rooms`` claim
+is checked by :mod:`workers.chat.policy` (its shape is verified here, a list
+of strings, so every service sees well-formed claims).
 
 :func:`mint_token` issues tokens (``zrpc token create`` uses it).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -41,12 +40,9 @@ if TYPE_CHECKING:
 __all__ = [
     "TOKEN_EXPIRED_MESSAGE",
     "JwtAuthenticator",
-    "authorize_room",
     "expiry_delay",
     "mint_token",
     "require_identity",
-    "room_allowed",
-    "trust_principal",
 ]
 
 #: What a connection is closed with when its token expires.
@@ -179,32 +175,6 @@ def expiry_delay(authenticator: Any, claims: dict[str, Any], now: float | None =
         return None
     now = time.time() if now is None else now
     return max(0.0, exp + leeway - now)
-
-
-def trust_principal(hello: dict[str, Any], peer: Any) -> tuple[str | None, dict[str, Any]]:
-    """For the broker <-> worker hop only: the HELLO names the principal the broker authenticated."""
-    principal = hello.get("principal")
-    claims = hello.get("claims")
-    return (principal if isinstance(principal, str) else None,
-            claims if isinstance(claims, dict) else {})
-
-
-def room_allowed(claims: dict[str, Any], room: str) -> bool:
-    """Whether the ``rooms`` claim (names or fnmatch globs; absent = all rooms) allows ``room``."""
-    rooms = claims.get("rooms") if claims else None
-    if rooms is None:
-        return True
-    if not isinstance(rooms, list):
-        return False
-    return any(isinstance(p, str) and (p == room or fnmatch.fnmatchcase(room, p)) for p in rooms)
-
-
-def authorize_room(context: RequestContext, room: str) -> None:
-    """Raise PERMISSION_DENIED unless the caller's claims allow ``room``."""
-    if not room_allowed(context.claims, room):
-        who = context.identity or "this caller"
-        raise RpcError(Status.PERMISSION_DENIED,
-                       f"{who} may not use room {room!r} (not in the token's rooms claim)")
 
 
 def require_identity(exempt: Iterable[str] = ("Health/",)) -> Interceptor:

@@ -49,10 +49,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from workers.chat.policy import authorize_room
 from workers.chat.ratelimit import RateLimiter
 from workers.chat.rooms import Room, RoomTable
 from workers.chat.store import MessageStore, StoreConfig, StoredMessage
-from zrpc.auth import authorize_room
 from zrpc.chat import (
     CHAT,
     JOIN_CHAT,

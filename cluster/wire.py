@@ -1,4 +1,4 @@
-"""The broker <-> worker wire over ZeroMQ (internal to a zrpc deployment).
+"""The broker <-> worker wire (internal to a zrpc deployment).
 
 Workers connect a DEALER to each broker's ROUTER (READY first, then
 heartbeats both ways, Paranoid-Pirate style) and bind a PUB socket for room
@@ -27,7 +27,7 @@ bus (PUB -> SUB):  [topic + b"\\0", seq (u64 big-endian), payload]
 from __future__ import annotations
 
 import struct
-from typing import Final
+from typing import Any, Final
 
 __all__ = [
     "ATTACH",
@@ -43,6 +43,7 @@ __all__ = [
     "REPAIR",
     "SEQ",
     "topic_frame",
+    "trust_principal",
 ]
 
 CLUSTER_VERSION: Final = 1
@@ -62,3 +63,12 @@ SEQ: Final = struct.Struct("!Q")
 def topic_frame(topic: str) -> bytes:
     """Topics are delimited because ZeroMQ subscriptions match prefixes."""
     return topic.encode("utf-8", "surrogatepass") + b"\0"
+
+
+def trust_principal(hello: dict[str, Any], peer: Any) -> tuple[str | None, dict[str, Any]]:
+    """The workers' authenticator: a virtual connection's HELLO names the principal and
+    claims the broker authenticated (the broker is trusted; clients never reach a worker)."""
+    principal = hello.get("principal")
+    claims = hello.get("claims")
+    return (principal if isinstance(principal, str) else None,
+            claims if isinstance(claims, dict) else {})
