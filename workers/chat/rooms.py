@@ -116,12 +116,14 @@ class RoomTable:
 
     # -- messages -------------------------------------------------------------
 
-    def next_message(self, room: str, user: str, content: str, now_ms: int) -> StoredMessage:
+    def next_message(self, room: str, user: str, content: str, now_ms: int,
+                     idempotency_key: str = "") -> StoredMessage:
         """Assign the next id of ``room`` to a new message and remember it in ``recent``."""
         state = self.room(room)
         state.last_id += 1
         message = StoredMessage(
-            room=room, id=state.last_id, user=user, content=content, timestamp=now_ms
+            room=room, id=state.last_id, user=user, content=content, timestamp=now_ms,
+            idempotency_key=idempotency_key,
         )
         state.recent.append(message)
         member = state.members.get(user)

@@ -85,6 +85,9 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 Forward = Callable[[Message], Awaitable[ChatResponse]]
 
+#: Longest ``Message.idempotency_key`` accepted, in UTF-8 bytes.
+MAX_KEY_BYTES = 64
+
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
@@ -169,8 +172,13 @@ class _RoomState:
         self.waiters: dict[int, asyncio.Future[None]] = {}
 
 
+# An accepted send: the room's state, the message, the future of its commit.
+_Accepted = tuple[_RoomState, StoredMessage, "asyncio.Future[None]"]
+
+
 def _to_message(m: StoredMessage) -> Message:
-    return Message(id=m.id, user=m.user, content=m.content, timestamp=m.timestamp, room=m.room)
+    return Message(id=m.id, user=m.user, content=m.content, timestamp=m.timestamp, room=m.room,
+                   idempotency_key=m.idempotency_key)
 
 
 def _message_event(m: StoredMessage, seq: int) -> ChatResponse:
@@ -198,6 +206,8 @@ class ChatService:
         self.rooms = RoomTable(recent_limit=config.recent_limit, event_ring=config.event_ring,
                                last_ids=self.store.last_ids())
         self._states: dict[str, _RoomState] = {}
+        # (room, user, idempotency key) -> the send holding it until its commit resolves
+        self._keys: dict[tuple[str, str, str], _Accepted] = {}
         self._activity: dict[str, int] = {}
         self._closing = False
         self._service: Service | None = None
@@ -296,7 +306,7 @@ class ChatService:
             return f"{kind} must not contain control characters"
         return None
 
-    def _message_error(self, room: str, user: str, content: str) -> str | None:
+    def _message_error(self, room: str, user: str, content: str, key: str = "") -> str | None:
         cfg = self.config
         err = (self._name_error("room", room, cfg.max_room_name)
                or self._name_error("user", user, cfg.max_user_name))
@@ -304,10 +314,13 @@ class ChatService:
             return err
         try:
             size = len(content.encode("utf-8"))
+            key_size = len(key.encode("utf-8"))
         except UnicodeEncodeError:
-            return "content is not valid unicode"
+            return "content or idempotency_key is not valid unicode"
         if size > cfg.max_content_bytes:
             return f"content is {size} bytes long; the limit is {cfg.max_content_bytes}"
+        if key_size > MAX_KEY_BYTES:
+            return f"idempotency_key is {key_size} bytes long; the limit is {MAX_KEY_BYTES}"
         return None
 
     def _check_names(self, room: str, user: str) -> None:
@@ -338,34 +351,79 @@ class ChatService:
             if wait > 0:
                 raise self._rate_error(user, wait)
 
-    async def _pace(self, user: str, ctx: RequestContext, details: dict[str, Any] | None = None) -> None:
-        """Streams: wait for the user's rate (backpressure), unless that would take too long."""
+    async def _pace(self, user: str, ctx: RequestContext,
+                    details: dict[str, Any] | None = None) -> bool:
+        """Streams: wait for the user's rate (backpressure), unless that would take too long.
+
+        True when it waited (other calls ran meanwhile)."""
         limiter = self.limiter
         if limiter is None:
-            return
+            return False
         wait = limiter.reserve(user)
         if wait <= 0:
-            return
+            return False
         remaining = ctx.time_remaining()
         if wait * 1000 > self.config.rate_max_wait_ms or (remaining is not None and wait > remaining):
             limiter.refund(user)
             raise self._rate_error(user, wait, details)
         await asyncio.sleep(wait)  # pacing the sender to its rate, not a test delay
+        return True
 
     # ------------------------------------------------------ message pipeline
-    def _accept(self, room: str, user: str, content: str,
-                bus: Bus | None) -> tuple[_RoomState, StoredMessage, asyncio.Future[None]]:
-        """Assign id + timestamp and queue the row, in one synchronous step (validated input)."""
+    def _duplicate(self, room: str, user: str, content: str, key: str) -> _Accepted | None:
+        """The first send of ``key`` by ``user`` in ``room``, in flight or stored, or None.
+
+        In flight: its own ``(state, message, commit future)``; stored: the
+        stored id and timestamp with an already completed future.
+        """
+        if not key:
+            return None
+        inflight = self._keys.get((room, user, key))
+        if inflight is not None:
+            return inflight
+        found = self.store.find_key(room, user, key)
+        if found is None:
+            return None
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return self._state(room), StoredMessage(room, found[0], user, content, found[1], key), fut
+
+    async def _admit(self, room: str, user: str, content: str, bus: Bus | None, key: str,
+                     ctx: RequestContext, *, paced: bool,
+                     details: dict[str, Any] | None = None) -> _Accepted:
+        """Take a validated message in: the first send of its idempotency key
+        if there was one (not rate-limited again), else a new accepted send
+        after the rate check (``paced``: wait for the rate, else refuse)."""
+        dup = self._duplicate(room, user, content, key)
+        if dup is not None:
+            return dup
+        if not paced:
+            self._check_rate(user)
+        elif await self._pace(user, ctx, details):
+            dup = self._duplicate(room, user, content, key)  # sent meanwhile by a retry?
+            if dup is not None:
+                return dup
+        return self._accept(room, user, content, bus, key)
+
+    def _accept(self, room: str, user: str, content: str, bus: Bus | None,
+                key: str = "") -> _Accepted:
+        """Assign id + timestamp and queue the row, in one synchronous step
+        (validated input whose key, if any, is not a duplicate)."""
         if self._closing:
             raise RpcError(Status.UNAVAILABLE, "the chat service is shutting down")
         st = self._state(room)
         now = _now_ms()
         ts = now if now > st.last_ts else st.last_ts
         st.last_ts = ts
-        stored = self.rooms.next_message(room, user, content, ts)
+        stored = self.rooms.next_message(room, user, content, ts, key)
         st.pending[stored.id] = [stored, bus, None]
         fut = self.store.append_nowait(stored)
         fut.add_done_callback(functools.partial(self._committed, st, stored.id))
+        if key:
+            # until committed (then the store answers) or failed (then a retry stores it)
+            k = (room, user, key)
+            self._keys[k] = (st, stored, fut)
+            fut.add_done_callback(lambda _f: self._keys.pop(k, None))
         return st, stored, fut
 
     def _committed(self, st: _RoomState, mid: int, fut: asyncio.Future[None]) -> None:
@@ -422,10 +480,10 @@ class ChatService:
                 waiter = st.waiters[stored.id] = asyncio.get_running_loop().create_future()
             await asyncio.shield(waiter)
 
-    async def _send(self, room: str, user: str, content: str, bus: Bus | None) -> StoredMessage:
-        st, stored, fut = self._accept(room, user, content, bus)
-        await self._settle(st, stored, fut)
-        return stored
+    async def _finish(self, accepted: _Accepted) -> StoredMessage:
+        """The message of an accepted send once it is committed and published."""
+        await self._settle(*accepted)
+        return accepted[1]
 
     # ------------------------------------------------------------ presence
     def _join(self, room: str, user: str, bus: Bus | None) -> None:
@@ -442,13 +500,15 @@ class ChatService:
     async def send_message(self, request: Message, ctx: RequestContext) -> ChatResponse:
         """``Chat/SendMessage``: store, publish once, then ack with the stored message."""
         user = ctx.identity or request.user
-        err = self._message_error(request.room, user, request.content)
+        key = request.idempotency_key
+        err = self._message_error(request.room, user, request.content, key)
         if err:
             raise RpcError(Status.INVALID_ARGUMENT, err)
         self._authorize(ctx, request.room)
         self._check_owned(request.room)
-        self._check_rate(user)
-        stored = await self._send(request.room, user, request.content, self._bus(ctx))
+        accepted = await self._admit(request.room, user, request.content, self._bus(ctx), key,
+                                     ctx, paced=False)
+        stored = await self._finish(accepted)
         return ChatResponse.ack_response(_to_message(stored))
 
     async def send_message_batch(self, call: ServerCall) -> BatchSummary:
@@ -484,7 +544,8 @@ class ChatService:
                 if m is None:
                     break
                 user = ctx.identity or m.user
-                err = self._message_error(m.room, user, m.content)
+                key = m.idempotency_key
+                err = self._message_error(m.room, user, m.content, key)
                 if err:
                     raise RpcError(Status.INVALID_ARGUMENT, f"message {index}: {err}",
                                    {"index": index})
@@ -493,19 +554,21 @@ class ChatService:
                 except RpcError as exc:
                     raise RpcError(exc.status, f"message {index}: {exc.message}",
                                    {"index": index}) from None
-                await self._pace(user, ctx, {"index": index})
                 if self.owns is None or self.owns(m.room):
-                    st, stored, fut = self._accept(m.room, user, m.content, bus)
+                    st, stored, fut = await self._admit(m.room, user, m.content, bus, key, ctx,
+                                                        paced=True, details={"index": index})
                     inflight.append((index, st, stored, fut))
                     if len(inflight) > self.config.max_batch_inflight:
                         await settle(inflight.popleft())
                 else:
+                    await self._pace(user, ctx, {"index": index})
                     if self.forward is None:
                         raise RpcError(Status.FAILED_PRECONDITION,
                                        f"message {index}: room {m.room!r} belongs to another shard",
                                        {"index": index})
                     try:
-                        await self.forward(Message(user=user, content=m.content, room=m.room))
+                        await self.forward(Message(user=user, content=m.content, room=m.room,
+                                                   idempotency_key=key))
                     except RpcError as exc:
                         raise RpcError(exc.status, f"message {index}: {exc.message}",
                                        {"index": index}) from None
@@ -580,14 +643,15 @@ class ChatService:
                     await call.send(ChatResponse.error_response(
                         f"this stream is joined to room {room!r}, not {m.room!r}"))
                     continue
-                err = self._message_error(room, user, m.content)
+                key = m.idempotency_key
+                err = self._message_error(room, user, m.content, key)
                 if err:
                     await call.send(ChatResponse.error_response(err))
                     continue
-                await self._pace(user, ctx)
+                accepted = await self._admit(room, user, m.content, bus, key, ctx, paced=True)
                 # shielded: if the stream ends meanwhile, the message still completes (it is
                 # committed and published) and the user's leave is announced after it
-                sending = asyncio.ensure_future(self._send(room, user, m.content, bus))
+                sending = asyncio.ensure_future(self._finish(accepted))
                 stored = await asyncio.shield(sending)
                 await call.send(ChatResponse.ack_response(_to_message(stored)))
         finally:

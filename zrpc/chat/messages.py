@@ -36,6 +36,11 @@ class Message:
     ``id`` (1, 2, 3, ... per room, no gaps) and ``timestamp`` (ms, never
     decreasing within a room) and ignores what the client put there. When the
     connection is authenticated, ``user`` is replaced by the caller's identity.
+
+    ``idempotency_key`` (optional, at most 64 UTF-8 bytes, "" for none) is
+    chosen by the client and stored with the message: a send whose key the
+    room already stored for the same user is answered with the first ack
+    (same ``id`` and ``timestamp``) and stores and broadcasts nothing.
     """
 
     id: int = 0
@@ -43,6 +48,7 @@ class Message:
     content: str = ""
     timestamp: int = 0
     room: str = ""
+    idempotency_key: str = ""
 
     @classmethod
     def now(cls, id: int, user: str, content: str, room: str) -> Message:
