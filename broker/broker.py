@@ -32,7 +32,7 @@ from broker.web import WebServer
 from cluster import wire
 from cluster.sharding import shard_for
 from cluster.zmqio import SocketReader
-from zrpc.client import parse_address
+from zrpc.address import AddressError, parse_listen_address
 from zrpc.config import ServerConfig
 from zrpc.dispatch import Authenticator
 from zrpc.fanout import FanOut
@@ -152,7 +152,10 @@ class Broker:
         self._tasks.append(loop.create_task(self._heartbeat()))
         tls = cfg.tls if cfg.tls is not None else TlsConfig.development()
         ctx = tls.server_context()
-        host, port = parse_address(cfg.listen)
+        listen = parse_listen_address(cfg.listen)
+        if listen.scheme != "zrpc":
+            raise AddressError(f"--listen {cfg.listen}: the {listen.scheme} transport is not available")
+        host, port = listen.host, listen.port
         self._server = await loop.create_server(
             lambda: EdgeProtocol(self), host, port, ssl=ctx, backlog=1024,
             ssl_handshake_timeout=cfg.server.handshake_timeout_ms / 1000 if ctx else None)

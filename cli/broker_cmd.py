@@ -12,7 +12,7 @@ from dataclasses import replace
 import click
 
 from broker.broker import Broker, BrokerConfig
-from cli.common import LOG_LEVELS, run_async, setup_logging, tls_from_options, tune_gc
+from cli.common import LOG_LEVELS, AddressParam, run_async, setup_logging, tls_from_options, tune_gc
 from zrpc.auth import JwtAuthenticator
 from zrpc.config import ServerConfig, StreamConfig
 
@@ -47,7 +47,9 @@ def _authenticator(secret: str | None, public_key_file: str | None, audience: st
 
 @main.command()
 @click.option("--listen", default="127.0.0.1:8443", show_default=True, envvar="ZRPC_LISTEN",
-              help="HOST:PORT for client connections (port 0 picks a free one).")
+              type=AddressParam(default_host="127.0.0.1", allow_port_zero=True),
+              help="HOST:PORT for client connections (also :PORT, PORT, [IPv6]:PORT; "
+                   "port 0 picks a free one).")
 @click.option("--workers", type=int, default=2, show_default=True, envvar="ZRPC_WORKERS",
               help="Shard workers to spawn and supervise; 0 waits for external `zrpc-worker`s.")
 @click.option("--shards", type=int, default=None, envvar="ZRPC_SHARDS",

@@ -27,10 +27,11 @@ from typing import IO, TYPE_CHECKING, Any
 import click
 
 import zrpc
+from cli.client_options import ClientGroup, group_options
 from cli.common import run_async
 from cli.output import Output, format_time, from_json
 from cli.token_cmd import token
-from zrpc.client import Client, parse_address
+from zrpc.client import Client
 from zrpc.config import ClientConfig
 from zrpc.status import RpcError, Status
 from zrpc.tls import TlsConfig
@@ -82,13 +83,24 @@ class Settings:
     timeout: float | None = None
     out: Output = field(default_factory=Output)
 
+    def check(self) -> None:
+        """Combinations the options cannot express one by one (usage errors)."""
+        if self.insecure and (self.ca or self.cert or self.key):
+            raise click.UsageError("--insecure (plaintext) cannot be combined with --ca/--cert/--key")
+        if self.key and not self.cert:
+            raise click.UsageError("--key needs --cert")
+
     def tls(self) -> TlsConfig:
+        """Explicit files, plaintext with --insecure, else the system store plus the development CA."""
         try:
             if self.insecure:
                 return TlsConfig.insecure_plaintext()
+            default = TlsConfig.client()
             if self.ca or self.cert:
-                return TlsConfig(cert_file=self.cert, key_file=self.key, ca_file=self.ca)
-            return TlsConfig.development()
+                ca = self.ca or default.ca_file
+                return TlsConfig(cert_file=self.cert, key_file=self.key, ca_file=ca,
+                                 trust_system_store=self.ca is None)
+            return default
         except (ValueError, OSError) as exc:
             raise InputError(f"TLS configuration: {exc}") from None
 
@@ -121,6 +133,7 @@ def _settings() -> Settings:
     settings = click.get_current_context().find_object(Settings)
     if settings is None:  # a command invoked without the group (programmatic use)
         settings = Settings(server=os.environ.get("ZRPC_SERVER") or "localhost:8443")
+    settings.check()
     return settings
 
 
@@ -292,27 +305,19 @@ def print_users(out: Output, users: list[Any]) -> None:
 # --------------------------------------------------------------------------- the group
 
 
-@click.group(context_settings=CONTEXT)
-@click.option("--server", "-s", default="localhost:8443", show_default=True, envvar="ZRPC_SERVER",
-              metavar="HOST:PORT", help="Server (or broker) address [env ZRPC_SERVER].")
-@click.option("--ca", type=click.Path(exists=True, dir_okay=False), default=None, envvar="ZRPC_CA",
-              metavar="FILE", help="CA bundle that signs the server certificate "
-                                   "(default: the development CA under $ZRPC_HOME) [env ZRPC_CA].")
-@click.option("--cert", type=click.Path(exists=True, dir_okay=False), default=None,
-              envvar="ZRPC_CLIENT_CERT", metavar="FILE",
-              help="Client certificate for mutual TLS [env ZRPC_CLIENT_CERT].")
-@click.option("--key", type=click.Path(exists=True, dir_okay=False), default=None,
-              envvar="ZRPC_CLIENT_KEY", metavar="FILE",
-              help="Private key of --cert [env ZRPC_CLIENT_KEY].")
-@click.option("--insecure", is_flag=True, envvar="ZRPC_INSECURE",
-              help="Plaintext, no TLS (only against a server started with --insecure).")
-@click.option("--token", default=None, envvar="ZRPC_TOKEN", metavar="TOKEN",
-              help="Bearer token sent when connecting [env ZRPC_TOKEN].")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
-              envvar="ZRPC_TIMEOUT", metavar="SECONDS",
-              help="Deadline for connecting and for each request/response call "
-                   "(streams stay open) [env ZRPC_TIMEOUT].")
-@click.option("--json", "json_mode", is_flag=True, help="Print one JSON object per line on stdout.")
+def _override(ctx: click.Context, dest: str, value: Any) -> None:
+    """A global option given after the subcommand: it wins over the group's value."""
+    settings = ctx.find_object(Settings)
+    if settings is None:
+        return
+    if dest == "json_mode":
+        settings.out.json_mode = bool(value)
+    else:
+        setattr(settings, dest, value)
+
+
+@click.group(context_settings=CONTEXT, cls=ClientGroup, on_override=_override)
+@group_options
 @click.version_option(zrpc.__version__, "--version", "-V", prog_name="zrpc")
 @click.pass_context
 def main(ctx: click.Context, server: str, ca: str | None, cert: str | None, key: str | None,
@@ -325,17 +330,12 @@ def main(ctx: click.Context, server: str, ca: str | None, cert: str | None, key:
       zrpc subscribe --room lobby --user bob --since-id 0
       zrpc --json call Echo/Say '{"text": "hi"}'
 
+    The options below are also accepted after the command (`zrpc send
+    --server HOST:PORT ...`); there they win over the ones before it.
+
     Exit codes: 0 ok, 1 other error, 2 usage / INVALID_ARGUMENT, 3 UNAVAILABLE,
     4 UNAUTHENTICATED / PERMISSION_DENIED, 5 DEADLINE_EXCEEDED.
     """
-    try:
-        parse_address(server)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="'--server'") from None
-    if insecure and (ca or cert or key):
-        raise click.UsageError("--insecure (plaintext) cannot be combined with --ca/--cert/--key")
-    if key and not cert:
-        raise click.UsageError("--key needs --cert")
     ctx.obj = Settings(server=server, ca=ca, cert=cert, key=key, insecure=insecure, token=token,
                        timeout=timeout, out=Output(json_mode=json_mode, color=_isatty(sys.stdout)))
 

@@ -1,4 +1,4 @@
-"""Shared CLI plumbing: logging set-up, the event loop, TLS options."""
+"""Shared CLI plumbing: logging set-up, the event loop, TLS options, address parameters."""
 
 from __future__ import annotations
 
@@ -9,12 +9,30 @@ from typing import Any, TypeVar
 
 import click
 
+from zrpc.address import AddressError, parse_address
 from zrpc.tls import TlsConfig
 
-__all__ = ["LOG_LEVELS", "run_async", "setup_logging", "tls_from_options", "tune_gc"]
+__all__ = ["LOG_LEVELS", "AddressParam", "run_async", "setup_logging", "tls_from_options", "tune_gc"]
 
 T = TypeVar("T")
 LOG_LEVELS = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)
+
+
+class AddressParam(click.ParamType):
+    """An endpoint address (see :mod:`zrpc.address`), checked and normalised to ``str``."""
+
+    name = "HOST:PORT"
+
+    def __init__(self, default_host: str = "localhost", allow_port_zero: bool = False) -> None:
+        self.default_host = default_host
+        self.allow_port_zero = allow_port_zero
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            return str(parse_address(str(value), default_host=self.default_host,
+                                     allow_port_zero=self.allow_port_zero))
+        except AddressError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 def setup_logging(level: str, name: str) -> None:

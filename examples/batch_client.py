@@ -9,7 +9,7 @@ from zrpc.chat import BatchSummary, Message
 
 async def main() -> None:
     client = zrpc.Client(zrpc.ClientConfig(request_timeout_ms=60_000))
-    await client.connect(os.environ.get("ZRPC_SERVER", "localhost:8443"), zrpc.TlsConfig.development())
+    await client.connect(os.environ.get("ZRPC_SERVER", "localhost:8443"), zrpc.TlsConfig.client())
     print("Connected to chat server")
 
     stream = await client.client_stream("Chat/SendMessageBatch", Message, BatchSummary)

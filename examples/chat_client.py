@@ -11,7 +11,7 @@ from zrpc.chat_client import ChatClient
 
 async def main(user: str, room: str) -> None:
     chat = await ChatClient.connect(os.environ.get("ZRPC_SERVER", "localhost:8443"),
-                                    zrpc.TlsConfig.development())
+                                    zrpc.TlsConfig.client())
     async with chat.join(room, user) as session:
 
         async def show_events() -> None:

@@ -11,7 +11,7 @@ from zrpc.chat import ChatResponse, Message
 async def main(text: str) -> None:
     async with zrpc.Client() as client:
         await client.connect(os.environ.get("ZRPC_SERVER", "localhost:8443"),
-                             zrpc.TlsConfig.development())
+                             zrpc.TlsConfig.client())
         try:
             ack = await client.unary("Chat/SendMessage",
                                      Message(user="alice", content=text, room="general"),

@@ -13,7 +13,7 @@ LIMIT = int(sys.argv[1]) if len(sys.argv) > 1 else 50
 
 async def main() -> None:
     chat = await ChatClient.connect(os.environ.get("ZRPC_SERVER", "localhost:8443"),
-                                    zrpc.TlsConfig.development())
+                                    zrpc.TlsConfig.client())
     seen = 0
     # since_id=0 replays the room's history first; omit it for live events only
     async with chat.subscribe("general", "subscriber", since_id=0) as events:

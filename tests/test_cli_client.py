@@ -277,8 +277,15 @@ async def chat_client(srv: ServerThread, **kw: Any) -> ChatClient:
     ["subscribe", "-r", "r", "-u", "u", "--since", "not a time"],
     ["subscribe", "-r", "r", "-u", "u", "--count", "0"],
     ["subscribe", "-r", "r", "-u", "u", "--since-id", "-3"],
-    ["--server", ":80", "health"],
+    ["--server", ":99999", "health"],
+    ["--server", "localhost:0", "health"],
+    ["--server", "localhost", "health"],                              # no port
+    ["--server", "https://localhost:8443", "health"],
     ["--server", "localhost:http", "health"],
+    ["--server", "::1:8443", "health"],                               # IPv6 without brackets
+    ["health", "--server", "localhost:65536"],                        # after the command too
+    ["send", "-r", "r", "-u", "u", "--insecure", "--ca", __file__, "hi"],
+    ["--insecure", "health", "--ca", __file__],                       # mixed places still checked
     ["--timeout", "-1", "health"],
     ["--timeout", "0", "health"],
     ["--insecure", "--ca", __file__, "health"],

@@ -35,6 +35,7 @@ import uvloop
 import zrpc
 from procs import BrokerProc, children, start_broker, wait_for
 from workers.chat.service import ChatConfig, ChatService
+from zrpc.address import parse_address
 from zrpc.chat import (
     ChatResponse,
     ListUsersRequest,
@@ -43,7 +44,6 @@ from zrpc.chat import (
     ResponseType,
     SubscribeRequest,
 )
-from zrpc.client import parse_address
 from zrpc.protocol.frames import FrameDecoder, FrameFlag, FrameType, encode_frame
 from zrpc.status import Status
 from zrpc.tls import TlsConfig
@@ -88,7 +88,8 @@ class Raw:
     """A TLS connection that sends raw bytes and parses what comes back."""
 
     def __init__(self, address: str, ctx: ssl.SSLContext, source: str | None = None) -> None:
-        host, port = parse_address(address)
+        addr = parse_address(address)
+        host, port = addr.host, addr.port
         sock = socket.create_connection((host, port), timeout=T,
                                         source_address=(source, 0) if source else None)
         self.sock = ctx.wrap_socket(sock, server_hostname="localhost")
@@ -902,7 +903,8 @@ async def fuzz_one(rng: random.Random, host: str, port: int, ctx: ssl.SSLContext
 def test_fuzzed_frame_sequences(broker: Live) -> None:
     total, concurrency, budget_s = 2000, 20, 120.0
     seed = int(os.environ.get("ZRPC_FUZZ_SEED", "20240601"))
-    host, port = parse_address(broker.address)
+    addr = parse_address(broker.address)
+    host, port = addr.host, addr.port
     ctx = broker.ctx
     assert ctx is not None
     stats: Counter[str] = Counter()

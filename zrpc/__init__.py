@@ -6,6 +6,7 @@ deadlines, cancellation, keepalive and graceful shutdown. Run services
 in-process with :class:`Server`, or sharded behind ``zrpc-broker start``.
 """
 
+from zrpc.address import Address, AddressError, parse_address
 from zrpc.client import BidirectionalStream, Client, ClientStream, ServerStream
 from zrpc.codec import DecodeError
 from zrpc.config import ClientConfig, ServerConfig, StreamConfig
@@ -19,6 +20,8 @@ from zrpc.tls import TlsConfig
 __version__ = "0.1.0"
 
 __all__ = [
+    "Address",
+    "AddressError",
     "BidirectionalStream",
     "Cardinality",
     "Client",
@@ -42,4 +45,5 @@ __all__ = [
     "Timeout",
     "TlsConfig",
     "__version__",
+    "parse_address",
 ]

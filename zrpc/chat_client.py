@@ -2,7 +2,7 @@
 
 ::
 
-    chat = await ChatClient.connect("localhost:8443", zrpc.TlsConfig.development())
+    chat = await ChatClient.connect("localhost:8443", zrpc.TlsConfig.client())
     async with chat:
         stored = await chat.send("lobby", "ada", "hello")          # -> Message (id, timestamp)
         summary = await chat.batch([Message(...), ...])             # -> BatchSummary
@@ -34,6 +34,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, 
 from dataclasses import dataclass
 from typing import Any
 
+from zrpc.address import Address
 from zrpc.chat import (
     JOIN_CHAT,
     LIST_USERS,
@@ -135,7 +136,7 @@ class ChatClient:
         self.reconnects = 0
 
     @classmethod
-    async def connect(cls, address: str, tls: TlsConfig | None = None,
+    async def connect(cls, address: str | Address, tls: TlsConfig | None = None,
                       config: ClientConfig | None = None, *,
                       timeout: float | None = None) -> ChatClient:
         """Connect to ``address``; later reconnects go to the same address with the same settings."""

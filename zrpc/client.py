@@ -3,7 +3,7 @@
 API (the seed's, in Python style)::
 
     async with zrpc.Client(zrpc.ClientConfig()) as client:
-        await client.connect("localhost:8443", zrpc.TlsConfig.development())
+        await client.connect("localhost:8443")  # TLS: system store + development CA
         reply = await client.unary("Chat/SendMessage", msg, ChatResponse)
         up = await client.client_stream("Chat/SendMessageBatch", Message, BatchSummary)
         down = await client.server_stream("Chat/SubscribeToRoom", req, ChatResponse)
@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from zrpc.address import Address, AddressError, parse_address
 from zrpc.codec import DecodeError, compress, decode, encode
 from zrpc.config import ClientConfig
 from zrpc.protocol.connection import Connection, Role
@@ -43,29 +45,11 @@ __all__ = [
     "ClientSession",
     "ClientStream",
     "ServerStream",
-    "parse_address",
 ]
 
 log = logging.getLogger("zrpc.client")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-
-
-def parse_address(address: str, default_port: int = 8443) -> tuple[str, int]:
-    """``host:port``, ``[::1]:port`` or ``host`` -> (host, port)."""
-    if address.startswith("["):
-        host, _, rest = address[1:].partition("]")
-        port = rest.lstrip(":")
-    elif address.count(":") == 1:
-        host, port = address.split(":")
-    else:
-        host, port = address, ""
-    if not host:
-        raise ValueError(f"address {address!r} has no host")
-    try:
-        return host, int(port) if port else default_port
-    except ValueError:
-        raise ValueError(f"address {address!r}: port must be a number") from None
 
 
 class ClientCall:
@@ -310,6 +294,16 @@ class BidirectionalStream(ServerStream[Resp], Generic[Req, Resp]):
         self._call.close_send()
 
 
+def _tls_failure(where: str, exc: ssl.SSLError) -> str:
+    """One line for a failed TLS handshake, naming the likely cause."""
+    reason = exc.reason or ""
+    if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG",
+                  "HTTP_REQUEST", "UNKNOWN_PROTOCOL"):
+        return (f"cannot connect to {where}: it does not speak TLS (a plaintext or HTTP port, "
+                "e.g. the metrics port, or a server started with --insecure)")
+    return f"cannot connect to {where}: TLS handshake failed: {reason or exc}"
+
+
 class _ClientProtocol(asyncio.Protocol):
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
@@ -320,8 +314,13 @@ class _ClientProtocol(asyncio.Protocol):
         self.session.start()
 
     def data_received(self, data: bytes) -> None:
-        assert self.session is not None
-        self.session.data_received(data)
+        session = self.session
+        assert session is not None
+        if not session.hello.done() and data.startswith(b"HTTP/"):
+            session.terminate(Status.UNAVAILABLE, "the server answered in HTTP, not zrpc "
+                              "(is it the metrics or web port?)")
+            return
+        session.data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.session is not None:
@@ -336,36 +335,59 @@ class Client:
         self.session: ClientSession | None = None
         self._transport: asyncio.BaseTransport | None = None
 
-    async def connect(self, address: str, tls: TlsConfig | None = None) -> None:
-        """Connect and complete the HELLO exchange. ``tls`` defaults to the development CA."""
-        host, port = parse_address(address)
-        tls = tls if tls is not None else TlsConfig.development()
+    async def connect(self, address: str | Address, tls: TlsConfig | None = None) -> None:
+        """Connect and complete the HELLO exchange.
+
+        ``address`` is any form :func:`zrpc.address.parse_address` accepts
+        (``localhost:8443``, ``:8443``, ``[::1]:8443``, ``zrpc://host:port``);
+        a malformed one raises :class:`~zrpc.address.AddressError` (a
+        ``ValueError``). ``tls`` defaults to :meth:`TlsConfig.client` (the
+        system trust store plus the development CA if one exists; nothing is
+        written).
+        """
+        addr = address if isinstance(address, Address) else parse_address(address)
+        if addr.scheme != "zrpc":
+            raise AddressError(f"{addr}: the {addr.scheme} transport is not available in this client")
+        tls = tls if tls is not None else TlsConfig.client()
         ctx = tls.client_context()
         loop = asyncio.get_running_loop()
         timeout = self.config.connect_timeout_ms / 1000
+        where = addr.hostport
         try:
             async with asyncio.timeout(timeout):
                 transport, protocol = await loop.create_connection(
-                    lambda: _ClientProtocol(self.config), host, port, ssl=ctx,
-                    server_hostname=(tls.server_hostname or host) if ctx else None)
+                    lambda: _ClientProtocol(self.config), addr.host, addr.port, ssl=ctx,
+                    server_hostname=(tls.server_hostname or addr.host) if ctx else None)
                 self._transport = transport
                 assert protocol.session is not None
                 self.session = protocol.session
+                if ctx is not None:  # before waiting for HELLO: a web port would never send one
+                    ssl_obj = transport.get_extra_info("ssl_object")
+                    if ssl_obj is not None and ssl_obj.selected_alpn_protocol() != ALPN_PROTOCOL:
+                        raise RpcError(Status.UNAVAILABLE, f"{where} does not speak {ALPN_PROTOCOL} "
+                                       "(is it the web page's port?)")
                 await self.session.hello
         except TimeoutError:
+            connected = self.session is not None
             await self.close()
-            raise RpcError(Status.UNAVAILABLE, f"connecting to {address} timed out after {timeout:g}s") from None
+            hint = " (connected, but no zrpc HELLO came back: is it the right port?)" if connected else ""
+            raise RpcError(Status.UNAVAILABLE,
+                           f"connecting to {where} timed out after {timeout:g}s{hint}") from None
+        except ssl.SSLCertVerificationError as exc:
+            await self.close()
+            raise RpcError(Status.UNAVAILABLE, (
+                f"cannot connect to {where}: its certificate is not trusted ({exc.verify_message}); "
+                f"tried {tls.trust_description()}; pass the CA that signed the server's certificate "
+                "(zrpc --ca FILE or ZRPC_CA; TlsConfig(ca_file=...) in Python)")) from None
+        except ssl.SSLError as exc:
+            await self.close()
+            raise RpcError(Status.UNAVAILABLE, _tls_failure(where, exc)) from None
         except OSError as exc:
             await self.close()
-            raise ConnectionReset(f"cannot connect to {address}: {exc.strerror or exc}") from None
+            raise ConnectionReset(f"cannot connect to {where}: {exc.strerror or exc}") from None
         except RpcError:
             await self.close()
             raise
-        if ctx is not None:
-            ssl_obj = transport.get_extra_info("ssl_object")
-            if ssl_obj is not None and ssl_obj.selected_alpn_protocol() != ALPN_PROTOCOL:
-                await self.close()
-                raise RpcError(Status.UNAVAILABLE, f"{address} does not speak {ALPN_PROTOCOL}")
 
     def use_session(self, session: ClientSession) -> None:
         """Run over an already connected session (in-memory transports)."""

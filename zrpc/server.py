@@ -19,6 +19,7 @@ import asyncio
 import logging
 from typing import Any
 
+from zrpc.address import Address, AddressError, parse_listen_address
 from zrpc.config import ServerConfig
 from zrpc.context import RequestContext
 from zrpc.dispatch import Authenticator, Dispatcher, ServerCall, ServerSession
@@ -163,7 +164,7 @@ class Server:
         self.authenticator = authenticator or self.config.authenticator
         self.sessions: set[ServerSession] = set()
         self.per_ip = IpCounter(self.config.max_connections_per_ip)
-        self._binds: list[tuple[str, TlsConfig]] = []
+        self._binds: list[tuple[Address, TlsConfig]] = []
         self._servers: list[asyncio.Server] = []
         self._stopped: asyncio.Event | None = None
 
@@ -183,21 +184,25 @@ class Server:
 
     # ----------------------------------------------------------- running
     def bind(self, address: str, tls: TlsConfig | None = None) -> None:
-        """Listen on ``host:port`` (port 0 picks a free one); TLS defaults to development certs."""
-        self._binds.append((address, tls if tls is not None else TlsConfig.development()))
+        """Listen on ``host:port`` (port 0 picks a free one); TLS defaults to development certs.
+
+        ``address`` takes the forms of :func:`zrpc.address.parse_listen_address`
+        (a malformed one raises :class:`~zrpc.address.AddressError` here).
+        """
+        addr = parse_listen_address(address)
+        if addr.scheme != "zrpc":
+            raise AddressError(f"{address}: the {addr.scheme} transport is not available")
+        self._binds.append((addr, tls if tls is not None else TlsConfig.development()))
 
     async def start(self) -> list[tuple[str, int]]:
         """Open the listeners; returns the bound (host, port) pairs."""
-        from zrpc.client import parse_address
-
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         bound = []
-        for address, tls in self._binds:
-            host, port = parse_address(address)
+        for addr, tls in self._binds:
             ctx = tls.server_context()
             srv = await loop.create_server(
-                lambda: _ServerProtocol(self), host, port, ssl=ctx, backlog=1024,
+                lambda: _ServerProtocol(self), addr.host, addr.port, ssl=ctx, backlog=1024,
                 ssl_handshake_timeout=self.config.handshake_timeout_ms / 1000 if ctx else None)
             self._servers.append(srv)
             for sock in srv.sockets:

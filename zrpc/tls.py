@@ -13,7 +13,9 @@ secured.  It provides:
   :meth:`TlsConfig.development`, :func:`issue_client_certificate`): a private
   CA plus a ``localhost`` server certificate created once under
   ``<zrpc home>/tls/`` so that development setups and tests get real,
-  verified TLS without any manual certificate handling.
+  verified TLS without any manual certificate handling. Only servers create
+  it: a client's default, :meth:`TlsConfig.client`, trusts the system store
+  plus the development CA when one exists and never writes a file.
 * :func:`peer_identity` - the common name of the verified peer certificate,
   used to identify mutually authenticated (mTLS) clients.
 """
@@ -42,6 +44,7 @@ __all__ = [
     "ALPN_PROTOCOL",
     "DevMaterial",
     "TlsConfig",
+    "development_ca_file",
     "ensure_development_ca",
     "issue_client_certificate",
     "peer_identity",
@@ -113,6 +116,8 @@ class TlsConfig:
     require_client_cert: bool = False
     server_hostname: str | None = None
     plaintext: bool = False
+    #: Trust the system store in addition to ``ca_file`` (clients; see :meth:`client`).
+    trust_system_store: bool = False
     # (cert_file, key_file) of the development *server* pair, set by
     # development(): that pair is never presented as a client certificate.
     _dev_server_pair: tuple[str, str] | None = field(default=None, repr=False)
@@ -153,6 +158,24 @@ class TlsConfig:
         )
 
     @classmethod
+    def client(cls, home: pathlib.Path | None = None) -> TlsConfig:
+        """A client's default: the system trust store plus the development CA if it exists.
+
+        Reads ``<home>/tls/dev-ca.crt`` when present and never creates or
+        writes anything (only servers create development certificates).
+        """
+        ca = development_ca_file(home)
+        return cls(ca_file=str(ca) if ca.is_file() else None, trust_system_store=True)
+
+    def trust_description(self) -> str:
+        """What a client built from this config trusts, for error messages."""
+        if self.ca_file is None:
+            return f"the system trust store (no development CA at {development_ca_file()})"
+        if self.trust_system_store:
+            return f"the CA file {self.ca_file} and the system trust store"
+        return f"the CA file {self.ca_file}"
+
+    @classmethod
     def insecure_plaintext(cls) -> TlsConfig:
         """Explicit opt-in to unencrypted, unauthenticated connections."""
         return cls(plaintext=True)
@@ -191,6 +214,8 @@ class TlsConfig:
             raise ValueError(
                 f"TlsConfig: ca_file={self.ca_file!r} is not a valid PEM CA bundle: {exc}"
             ) from exc
+        if self.ca_file is not None and self.trust_system_store:
+            ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.check_hostname = True
         ctx.verify_mode = ssl.CERT_REQUIRED
@@ -326,9 +351,14 @@ def issue_client_certificate(
     return cert_path, key_path
 
 
-def _tls_dir(home: pathlib.Path | None) -> pathlib.Path:
+def development_ca_file(home: pathlib.Path | None = None) -> pathlib.Path:
+    """Where the development CA certificate is (or would be); nothing is created."""
     base = pathlib.Path(home) if home is not None else zrpc_home()
-    tls_dir = base / "tls"
+    return base / "tls" / _CA_CERT_NAME
+
+
+def _tls_dir(home: pathlib.Path | None) -> pathlib.Path:
+    tls_dir = development_ca_file(home).parent
     tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     return tls_dir
 
