@@ -323,8 +323,9 @@ def test_time_param_accepts_iso_and_epoch_ms() -> None:
 
 
 def test_json_helpers_mark_binary_and_round_trip() -> None:
-    msg = Message(id=3, user="ada", content="hi", timestamp=7, room="r")
-    assert jsonable(msg) == {"id": 3, "user": "ada", "content": "hi", "timestamp": 7, "room": "r"}
+    msg = Message(id=3, user="ada", content="hi", timestamp=7, room="r", idempotency_key="k")
+    assert jsonable(msg) == {"id": 3, "user": "ada", "content": "hi", "timestamp": 7, "room": "r",
+                             "idempotency_key": "k"}
     assert jsonable(ChatResponse(type=ResponseType.ack))["type"] == "ack"
     out = jsonable({"a": b"text", "b": b"\xff\xfe", 1: [b"x"]})
     assert out == {"a": "text", "b": {"$base64": "//4="}, "1": ["x"]}
@@ -416,7 +417,8 @@ def test_send_prints_the_ack(server: ServerThread, home: pathlib.Path) -> None:
 
     raw = cli(home, server.address, "--json", "send", "--room", "lobby", "--user", "ada", "again")
     (stored,) = json_lines(raw.stdout)
-    assert set(stored) == {"id", "user", "content", "timestamp", "room"}
+    assert set(stored) == {"id", "user", "content", "timestamp", "room", "idempotency_key"}
+    assert len(stored["idempotency_key"]) == 22  # zrpc send keys every message
     assert stored["id"] == 2 and stored["content"] == "again" and stored["user"] == "ada"
     assert stored["room"] == "lobby" and stored["timestamp"] > 0
 
@@ -903,8 +905,9 @@ def test_chat_client_reconnects_lazily_for_new_calls(tmp_path: pathlib.Path,
             assert (await chat.send("lazy", "ann", "one")).id == 1
             await asyncio.to_thread(srv.stop)
             await eventually(lambda: not _connected(chat), what="the drop to be noticed")
-            with pytest.raises(zrpc.ConnectionReset):
-                await chat.send("lazy", "ann", "lost")  # nobody listens on the port now
+            with pytest.raises(zrpc.ConnectionReset):  # nobody listens on the port now:
+                await chat.send("lazy", "ann", "lost", timeout=0.3)  # retried until the deadline
+            assert chat.retries >= 1
             servers.append(await asyncio.to_thread(
                 ServerThread(tmp_path / "data", port=srv.port).start))
             assert (await chat.send("lazy", "ann", "two")).id == 2

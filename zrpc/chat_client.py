@@ -20,23 +20,36 @@
 with exponential backoff and re-subscribes with ``since_id`` = the id of the
 last message it yielded, dropping any message with an id at or below it, so
 the caller sees every message of the room exactly once and in order.
+
+Sends are exactly-once: :meth:`ChatClient.send`, :meth:`ChatClient.batch` and
+:meth:`ChatSession.send` put an idempotency key on every message (unless the
+caller set one) and retry ``UNAVAILABLE`` (which includes
+:class:`~zrpc.ConnectionReset`) and ``DEADLINE_EXCEEDED`` with backoff until
+the call's deadline: the server answers a resent key with the first ack, so a
+message whose first attempt was stored but not acknowledged is not stored
+twice. A :class:`ChatSession` whose stream is lost rejoins (same user), asks
+for the messages after the last one it yielded, and resends its
+unacknowledged messages with their keys.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
-import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+)
+from typing import TypeVar
 
 from zrpc.address import Address
 from zrpc.chat import (
-    JOIN_CHAT,
     LIST_USERS,
     SEND_MESSAGE,
     SEND_MESSAGE_BATCH,
@@ -50,72 +63,37 @@ from zrpc.chat import (
     SubscribeRequest,
     User,
 )
-from zrpc.client import BidirectionalStream, Client, ServerStream
+from zrpc.chat_retry import (
+    RETRYABLE,
+    SEND_RETRYABLE,
+    Backoff,
+    Connector,
+    RetryHook,
+    alive,
+    keyed,
+    new_key,
+    new_message,
+    stored_message,
+)
+from zrpc.chat_session import ChatSession
+from zrpc.client import Client, ServerStream
 from zrpc.config import ClientConfig
-from zrpc.status import ConnectionReset, RpcError, Status, StreamClosed
+from zrpc.status import ConnectionReset, RpcError, StreamClosed, Timeout
 from zrpc.tls import TlsConfig
 
 __all__ = [
     "RETRYABLE",
+    "SEND_RETRYABLE",
     "Backoff",
     "ChatClient",
     "ChatSession",
     "Connector",
     "Subscription",
+    "new_key",
 ]
 
 log = logging.getLogger("zrpc.chat_client")
-
-#: Statuses after which a subscription reconnects and resumes.
-RETRYABLE = frozenset({Status.UNAVAILABLE, Status.ABORTED, Status.RESOURCE_EXHAUSTED})
-
-#: Makes a new connected client (used to reconnect).
-Connector = Callable[[], Awaitable[Client]]
-#: ``on_retry(attempt, delay_seconds, error)``: called before each reconnect wait.
-RetryHook = Callable[[int, float, RpcError], None]
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff between reconnect attempts.
-
-    The n-th consecutive failed attempt waits ``min(maximum, initial * multiplier**(n-1))``
-    seconds, spread by +/- ``jitter`` (a fraction). ``max_attempts`` consecutive
-    failures (None: never) make the subscription give up and raise the last error.
-    The count restarts whenever a resumed stream delivers an event.
-    """
-
-    initial: float = 0.05
-    maximum: float = 5.0
-    multiplier: float = 2.0
-    jitter: float = 0.2
-    max_attempts: int | None = None
-
-    def delay(self, attempt: int) -> float:
-        base = min(self.maximum, self.initial * self.multiplier ** max(0, attempt - 1))
-        if self.jitter:
-            base *= 1 + random.uniform(-self.jitter, self.jitter)
-        return max(0.0, base)
-
-
-def _alive(client: Client) -> bool:
-    s = client.session
-    return s is not None and not s.closed and s.goaway is None
-
-
-def _stored(resp: ChatResponse, what: str) -> Message:
-    """The stored message an ack carries (errors become RpcError)."""
-    if resp.type is ResponseType.error:
-        raise RpcError(Status.INVALID_ARGUMENT, resp.error_message or f"{what} refused")
-    if resp.type is not ResponseType.ack or resp.message is None:
-        raise RpcError(Status.INTERNAL, f"{what}: expected an ack carrying the stored message, "
-                                        f"got {resp.type.value}")
-    return resp.message
-
-
-def _new_message(room: str, user: str, content: str) -> Message:
-    return Message(user=user, content=content, room=room)
-
+T = TypeVar("T")
 
 class ChatClient:
     """Typed chat calls over a :class:`zrpc.Client` (see module docstring).
@@ -123,22 +101,30 @@ class ChatClient:
     ``connect`` (optional) makes a fresh connected client; without it a
     subscription whose connection is lost cannot resume and raises.
     ``timeout`` is the deadline (seconds) of the unary and batch calls
-    (default: the client's ``request_timeout_ms``).
+    (default: the client's ``request_timeout_ms``), retries included.
+    ``retry`` is the backoff between the attempts of a send (True: the
+    default, False: one attempt); ``on_retry(attempt, delay, error)`` is called before each wait.
     """
 
     def __init__(self, client: Client, connect: Connector | None = None, *,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, retry: bool | Backoff = True,
+                 on_retry: RetryHook | None = None) -> None:
         self._client = client
         self._connect = connect
         self._retired: list[Client] = []  # replaced connections that may still be open
         self._lock = asyncio.Lock()
         self.timeout = timeout
+        self.retry = (Backoff(initial=0.05, maximum=1.0) if retry is True
+                      else retry or None)
+        self.on_retry = on_retry
         self.reconnects = 0
+        self.retries = 0
 
     @classmethod
     async def connect(cls, address: str | Address, tls: TlsConfig | None = None,
                       config: ClientConfig | None = None, *,
-                      timeout: float | None = None) -> ChatClient:
+                      timeout: float | None = None, retry: bool | Backoff = True,
+                      on_retry: RetryHook | None = None) -> ChatClient:
         """Connect to ``address``; later reconnects go to the same address with the same settings."""
 
         async def factory() -> Client:
@@ -146,7 +132,7 @@ class ChatClient:
             await client.connect(address, tls)
             return client
 
-        return cls(await factory(), factory, timeout=timeout)
+        return cls(await factory(), factory, timeout=timeout, retry=retry, on_retry=on_retry)
 
     @property
     def client(self) -> Client:
@@ -174,7 +160,7 @@ class ChatClient:
         """
         async with self._lock:
             client = self._client
-            if _alive(client):
+            if alive(client):
                 return client
             if self._connect is None:
                 raise ConnectionReset("the connection is lost and this ChatClient cannot reconnect "
@@ -190,33 +176,114 @@ class ChatClient:
             return fresh
 
     # ------------------------------------------------------------------ calls
-    async def send(self, room: str, user: str, content: str) -> Message:
-        """Store one message; returns it as stored (id, timestamp)."""
-        client = await self.live_client()
-        resp = await client.unary(SEND_MESSAGE.name, _new_message(room, user, content),
-                                        ChatResponse, timeout=self.timeout)
-        return _stored(resp, "SendMessage")
+    def _deadline(self, timeout: float | None) -> float | None:
+        """The loop time by which a call (all its attempts) must be done."""
+        total = timeout if timeout is not None else self.timeout
+        if total is None:
+            ms = self._client.config.request_timeout_ms
+            total = None if ms is None else ms / 1000
+        return None if total is None else asyncio.get_running_loop().time() + total
 
-    async def batch(self, messages: Iterable[Message] | AsyncIterable[Message]) -> BatchSummary:
-        """Send many messages on one client stream; returns the server's summary."""
-        client = await self.live_client()
-        stream = await client.client_stream(SEND_MESSAGE_BATCH.name, Message, BatchSummary,
-                                                  timeout=self.timeout)
-        try:
+    async def _retrying(self, what: str, deadline: float | None,
+                        attempt: Callable[[Client, float | None], Awaitable[T]]) -> T:
+        """Run ``attempt(client, seconds left)`` until it succeeds, the error is
+        not in :data:`SEND_RETRYABLE`, or the deadline leaves no time for another try."""
+        loop = asyncio.get_running_loop()
+        tries = 0
+        while True:
+            remaining = None if deadline is None else deadline - loop.time()
             try:
-                if isinstance(messages, AsyncIterable):
-                    async for m in messages:
+                if remaining is not None and remaining <= 0:
+                    raise Timeout(f"{what}: deadline exceeded")
+                try:
+                    async with asyncio.timeout(remaining):
+                        return await attempt(await self.live_client(), remaining)
+                except TimeoutError:
+                    raise Timeout(f"{what}: deadline exceeded") from None
+            except RpcError as exc:
+                if self.retry is None or exc.status not in SEND_RETRYABLE:
+                    raise
+                if self._connect is None and not alive(self._client):
+                    raise  # nothing to retry on
+                tries += 1
+                delay = self.retry.delay(tries)
+                left = None if deadline is None else deadline - loop.time()
+                if ((left is not None and left <= delay)
+                        or (self.retry.max_attempts is not None
+                            and tries >= self.retry.max_attempts)):
+                    raise
+                log.info("%s failed (%s); retrying in %.2fs (attempt %d)", what, exc, delay,
+                         tries + 1)
+                self.retries += 1
+                if self.on_retry is not None:
+                    self.on_retry(tries, delay, exc)
+                await asyncio.sleep(delay)
+
+    async def send(self, room: str, user: str, content: str, *, idempotency_key: str = "",
+                   timeout: float | None = None) -> Message:
+        """Store one message exactly once; returns it as stored (id, timestamp).
+
+        The message carries ``idempotency_key`` (a fresh one when empty) and
+        is retried on UNAVAILABLE / DEADLINE_EXCEEDED until ``timeout``
+        (default: the client's), so a retry after an ambiguous failure
+        returns the first ack instead of storing the message again.
+        """
+        message = new_message(room, user, content, idempotency_key or new_key())
+
+        async def attempt(client: Client, remaining: float | None) -> Message:
+            resp = await client.unary(SEND_MESSAGE.name, message, ChatResponse,
+                                      timeout=remaining)
+            return stored_message(resp, "SendMessage")
+
+        return await self._retrying("SendMessage", self._deadline(timeout), attempt)
+
+    async def batch(self, messages: Iterable[Message] | AsyncIterable[Message], *,
+                    timeout: float | None = None) -> BatchSummary:
+        """Send many messages on one client stream; returns the server's summary.
+
+        Every message gets an idempotency key (unless it has one). On
+        UNAVAILABLE / DEADLINE_EXCEEDED the batch is sent again on a new
+        stream, keys unchanged, until ``timeout``: the messages already stored
+        are answered from the dedupe index, the rest are stored. (The messages
+        are kept in memory until the call ends, to be resent.)
+        """
+        source = messages.__aiter__() if isinstance(messages, AsyncIterable) else iter(messages)
+        sent: list[Message] = []
+        exhausted = False
+
+        async def upcoming() -> AsyncIterator[Message]:
+            nonlocal exhausted
+            for m in list(sent):  # a retry resends what an earlier attempt sent
+                yield m
+            while not exhausted:
+                try:
+                    if isinstance(source, AsyncIterator):
+                        m = await source.__anext__()
+                    else:
+                        m = next(source)
+                except (StopIteration, StopAsyncIteration):
+                    exhausted = True
+                    return
+                m = keyed(m)
+                sent.append(m)
+                yield m
+
+        async def attempt(client: Client, remaining: float | None) -> BatchSummary:
+            stream = await client.client_stream(SEND_MESSAGE_BATCH.name, Message, BatchSummary,
+                                                timeout=remaining)
+            try:
+                try:
+                    async for m in upcoming():
                         await stream.send(m)
-                else:
-                    for m in messages:
-                        await stream.send(m)
-            except StreamClosed:
-                pass  # the server ended the call early: close_and_receive raises its real status
-            summary: BatchSummary = await stream.close_and_receive()
-            return summary
-        except BaseException:
-            await stream.close()
-            raise
+                except StreamClosed:
+                    pass  # the server ended the call early: close_and_receive raises its real status
+                summary: BatchSummary = await stream.close_and_receive()
+                return summary
+            except BaseException:
+                await stream.close()
+                raise
+
+        return await self._retrying("SendMessageBatch", self._deadline(timeout), attempt)
 
     async def who(self, room: str) -> list[User]:
         """The users present in ``room``."""
@@ -237,9 +304,17 @@ class ChatClient:
         policy = Backoff() if reconnect is True else (reconnect or None)
         return Subscription(self, room, user, since_id, since_timestamp, policy, on_retry)
 
-    def join(self, room: str, user: str) -> ChatSession:
-        """A ``Chat/JoinChat`` session: ``async with chat.join(room, user) as session``."""
-        return ChatSession(self, room, user)
+    def join(self, room: str, user: str, *, reconnect: bool | Backoff = True,
+             on_retry: RetryHook | None = None,
+             on_resume: Callable[[ChatSession], None] | None = None) -> ChatSession:
+        """A ``Chat/JoinChat`` session: ``async with chat.join(room, user) as session``.
+
+        ``reconnect``: True (default backoff), a :class:`Backoff`, or False to
+        end the session on the first lost stream (see :class:`ChatSession`).
+        """
+        policy = Backoff() if reconnect is True else (reconnect or None)
+        return ChatSession(self, room, user, reconnect=policy, on_retry=on_retry,
+                           on_resume=on_resume)
 
 
 class Subscription:
@@ -338,7 +413,7 @@ class Subscription:
                     return
                 if self.policy is None or exc.status not in RETRYABLE:
                     raise
-                if self.chat._connect is None and not _alive(self.chat._client):
+                if self.chat._connect is None and not alive(self.chat._client):
                     raise
                 attempt += 1
                 if self.policy.max_attempts is not None and attempt > self.policy.max_attempts:
@@ -349,156 +424,3 @@ class Subscription:
                 if self.on_retry is not None:
                     self.on_retry(attempt, delay, exc)
                 await asyncio.sleep(delay)
-
-
-_END = object()
-
-
-class ChatSession:
-    """One ``Chat/JoinChat`` stream: the first message joins, then ``send`` and iterate.
-
-    ``async for event in session`` yields the room's events (messages, including
-    this session's own, and joins/leaves); acks are consumed by :meth:`send`,
-    which returns the stored message. ``joined`` is the join's ack.
-    """
-
-    def __init__(self, chat: ChatClient, room: str, user: str) -> None:
-        self.chat = chat
-        self.room = room
-        self.user = user
-        self.joined: ChatResponse | None = None
-        self.error: RpcError | None = None
-        self._stream: BidirectionalStream[Message, ChatResponse] | None = None
-        self._pending: collections.deque[asyncio.Future[Message]] = collections.deque()
-        self._events: asyncio.Queue[Any] = asyncio.Queue()
-        self._send_lock = asyncio.Lock()
-        self._reader: asyncio.Task[None] | None = None
-        self._finished = asyncio.Event()
-        self._half_closed = False
-
-    async def __aenter__(self) -> ChatSession:
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._finished.is_set()
-
-    async def open(self) -> ChatResponse:
-        """Open the stream and join; returns the join's ack."""
-        client = await self.chat.live_client()
-        stream = await client.bidirectional_stream(JOIN_CHAT.name, Message, ChatResponse)
-        self._stream = stream
-        try:
-            await stream.send(_new_message(self.room, self.user, ""))
-            while True:
-                resp = await stream.receive()
-                if resp is None:
-                    raise RpcError(Status.INTERNAL, "the server ended JoinChat without acknowledging the join")
-                if resp.type is ResponseType.ack:
-                    self.joined = resp
-                    break
-                if resp.type is ResponseType.error:
-                    raise RpcError(Status.INVALID_ARGUMENT, resp.error_message or "join refused")
-                self._events.put_nowait(resp)  # an event that overtook the ack
-        except BaseException:
-            await stream.close()
-            self._finished.set()
-            raise
-        self._reader = asyncio.get_running_loop().create_task(self._read(stream))
-        return resp
-
-    async def send(self, text: str) -> Message:
-        """Send one message; returns it as stored (from its ack)."""
-        stream = self._stream
-        if stream is None or self._finished.is_set() or self._half_closed:
-            raise StreamClosed("the chat session is closed") if self.error is None else self.error
-        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        async with self._send_lock:
-            self._pending.append(fut)
-            try:
-                await stream.send(_new_message(self.room, self.user, text))
-            except BaseException:
-                if fut in self._pending:
-                    self._pending.remove(fut)
-                fut.cancel()
-                if self.error is not None:
-                    raise self.error from None
-                raise
-        return await fut
-
-    async def _read(self, stream: BidirectionalStream[Message, ChatResponse]) -> None:
-        try:
-            while True:
-                resp = await stream.receive()
-                if resp is None:
-                    break
-                if resp.type is ResponseType.ack and self._pending:
-                    fut = self._pending.popleft()
-                    if not fut.done():
-                        try:
-                            fut.set_result(_stored(resp, "JoinChat"))
-                        except RpcError as exc:
-                            fut.set_exception(exc)
-                elif resp.type is ResponseType.error and self._pending:
-                    fut = self._pending.popleft()
-                    if not fut.done():
-                        fut.set_exception(RpcError(Status.INVALID_ARGUMENT,
-                                                   resp.error_message or "message refused"))
-                elif resp.type is not ResponseType.ack:
-                    self._events.put_nowait(resp)
-        except RpcError as exc:
-            self.error = exc
-        finally:
-            err = self.error or StreamClosed("the chat stream ended")
-            while self._pending:
-                fut = self._pending.popleft()
-                if not fut.done():
-                    fut.set_exception(err)
-            self._finished.set()
-            self._events.put_nowait(_END)
-
-    def __aiter__(self) -> ChatSession:
-        return self
-
-    async def __anext__(self) -> ChatResponse:
-        item = await self._events.get()
-        if item is _END:
-            self._events.put_nowait(_END)  # later calls end too
-            if self.error is not None:
-                raise self.error
-            raise StopAsyncIteration
-        event: ChatResponse = item
-        return event
-
-    async def close_send(self) -> None:
-        """Half-close: no more messages; events keep arriving until the server ends the stream."""
-        if self._stream is not None and not self._half_closed:
-            self._half_closed = True
-            await self._stream.close_send()
-
-    async def wait_closed(self, timeout: float | None = None) -> bool:
-        """Wait until the server has ended the stream; False on timeout."""
-        try:
-            async with asyncio.timeout(timeout):
-                await self._finished.wait()
-        except TimeoutError:
-            return False
-        return True
-
-    async def close(self, timeout: float = 5.0) -> None:
-        """Leave: half-close, give the server ``timeout`` seconds to end the stream, then cancel it."""
-        if self._stream is None:
-            return
-        with contextlib.suppress(RpcError):
-            await self.close_send()
-        await self.wait_closed(timeout)
-        await self._stream.close()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        self._finished.set()

@@ -589,21 +589,11 @@ class ChatService:
         user = ctx.identity or request.user
         self._check_names(room, user)
         self._authorize(ctx, room)
-        if request.since_id is not None and request.since_id < 0:
-            raise RpcError(Status.INVALID_ARGUMENT, "since_id must be >= 0")
-        if request.since_timestamp is not None and not -2**63 <= request.since_timestamp < 2**63:
-            # (SQLite integers are 64-bit: a larger value would fail the history read)
-            raise RpcError(Status.INVALID_ARGUMENT, "since_timestamp must fit in 64 bits")
+        self._check_since(request.since_id, request.since_timestamp, "since_id", "since_timestamp")
         self._check_owned(room)
         bus = self._bus(ctx)
-        if request.since_id is None and request.since_timestamp is None:
-            call.attach(room, self._state(room).room.bus_seq)
-        else:
-            after = request.since_id or 0
-            if request.since_timestamp is not None:
-                after = max(after, await self._id_before(room, request.since_timestamp))
-            if not await self._replay_then_attach(call, room, after):
-                return
+        if not await self._attach(call, room, request.since_id, request.since_timestamp):
+            return
         # Still the same step as the attach: the stream sees its own user_joined.
         self._join(room, user, bus)
         try:
@@ -624,10 +614,15 @@ class ChatService:
         user = ctx.identity or join.user
         self._check_names(room, user)
         self._authorize(ctx, room)
+        self._check_since(join.id, join.timestamp, "the join message's id",
+                          "the join message's timestamp")
         self._check_owned(room)
         bus = self._bus(ctx)
         await call.send(ChatResponse.ack_response())
-        call.attach(room, self._state(room).room.bus_seq)
+        # A join whose id or timestamp is > 0 resumes: the messages after it come first.
+        if not await self._attach(call, room, join.id or None,
+                                  join.timestamp if join.timestamp > 0 else None):
+            return
         self._join(room, user, bus)
         sending: asyncio.Future[StoredMessage] | None = None
         try:
@@ -676,6 +671,28 @@ class ChatService:
         return ListUsersResponse(room=request.room, users=users)
 
     # ------------------------------------------------------------ replay
+    @staticmethod
+    def _check_since(since_id: int | None, since_ts: int | None, id_name: str,
+                     ts_name: str) -> None:
+        if since_id is not None and since_id < 0:
+            raise RpcError(Status.INVALID_ARGUMENT, f"{id_name} must be >= 0")
+        if since_ts is not None and not -2**63 <= since_ts < 2**63:
+            # (SQLite integers are 64-bit: a larger value would fail the history read)
+            raise RpcError(Status.INVALID_ARGUMENT, f"{ts_name} must fit in 64 bits")
+
+    async def _attach(self, call: ServerCall, room: str, since_id: int | None,
+                      since_ts: int | None) -> bool:
+        """Attach ``call`` to the room's live events, after replaying the messages
+        after ``since_id`` / ``since_timestamp`` when either is given. False
+        when the stream ended meanwhile."""
+        if since_id is None and since_ts is None:
+            call.attach(room, self._state(room).room.bus_seq)
+            return True
+        after = since_id or 0
+        if since_ts is not None:
+            after = max(after, await self._id_before(room, since_ts))
+        return await self._replay_then_attach(call, room, after)
+
     async def _id_before(self, room: str, since_ts: int) -> int:
         """An id ``k`` such that the messages with ``timestamp > since_ts`` are those with id > k.
 
