@@ -1,7 +1,7 @@
 """End-to-end tests of the zrpc framework: a real Client against a real Server.
 
-Every scenario runs over real TLS on 127.0.0.1 (port 0, development certificates)
-and, where it makes sense, through ``zrpc.testing.connect_in_memory`` (same
+Every scenario runs over real TLS on 127.0.0.1 (port 0, development certificates),
+over QUIC (UDP, the same certificates) and, where it makes sense, through ``zrpc.testing.connect_in_memory`` (same
 protocol, flow control and handlers, no sockets). Tests never sleep to wait
 for something to happen: they wait on events/futures or poll a condition
 with a deadline (:func:`eventually`).
@@ -24,7 +24,7 @@ from zrpc import Status
 from zrpc.codec import encode
 from zrpc.testing import connect_in_memory
 
-TRANSPORTS = ["tls", "memory"]
+TRANSPORTS = ["tls", "quic", "memory"]
 
 
 # --------------------------------------------------------------------- messages
@@ -211,6 +211,12 @@ async def serve(transport: str, *services: zrpc.Service,
         ((_, port),) = await server.start()
         client = zrpc.Client(client_config)
         await client.connect(f"127.0.0.1:{port}", zrpc.TlsConfig.development())
+    elif transport == "quic":
+        server.bind_quic("127.0.0.1:0", zrpc.TlsConfig.development())
+        await server.start()
+        ((_, port),) = server.quic_addresses
+        client = zrpc.Client(client_config)
+        await client.connect(f"quic://127.0.0.1:{port}", zrpc.TlsConfig.development())
     else:
         client = await connect_in_memory(server, client_config)
     try:
@@ -229,8 +235,9 @@ def only_session(server: zrpc.Server) -> Any:
 
 
 @pytest.mark.parametrize(("transport", "runner"), [
-    ("tls", uvloop.run), ("tls", asyncio.run), ("memory", uvloop.run),
-], ids=["tls-uvloop", "tls-asyncio", "memory-uvloop"])
+    ("tls", uvloop.run), ("tls", asyncio.run), ("quic", uvloop.run), ("quic", asyncio.run),
+    ("memory", uvloop.run),
+], ids=["tls-uvloop", "tls-asyncio", "quic-uvloop", "quic-asyncio", "memory-uvloop"])
 def test_four_call_patterns(transport: str, runner: Callable[[Any], Any]) -> None:
     async def main() -> None:
         async with serve(transport, make_service(Probe())) as (_, client):

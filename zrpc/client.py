@@ -21,7 +21,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from zrpc.address import Address, AddressError, parse_address
+from zrpc.address import Address, parse_address
 from zrpc.codec import DecodeError, compress, decode, encode
 from zrpc.config import ClientConfig
 from zrpc.protocol.connection import Connection, Role
@@ -340,32 +340,23 @@ class Client:
 
         ``address`` is any form :func:`zrpc.address.parse_address` accepts
         (``localhost:8443``, ``:8443``, ``[::1]:8443``, ``zrpc://host:port``);
-        a malformed one raises :class:`~zrpc.address.AddressError` (a
+        ``quic://host:port`` selects the QUIC transport (UDP), every other form
+        TLS over TCP. A malformed address raises :class:`~zrpc.address.AddressError` (a
         ``ValueError``). ``tls`` defaults to :meth:`TlsConfig.client` (the
         system trust store plus the development CA if one exists; nothing is
         written).
         """
         addr = address if isinstance(address, Address) else parse_address(address)
-        if addr.scheme != "zrpc":
-            raise AddressError(f"{addr}: the {addr.scheme} transport is not available in this client")
         tls = tls if tls is not None else TlsConfig.client()
-        ctx = tls.client_context()
-        loop = asyncio.get_running_loop()
         timeout = self.config.connect_timeout_ms / 1000
         where = addr.hostport
         try:
             async with asyncio.timeout(timeout):
-                transport, protocol = await loop.create_connection(
-                    lambda: _ClientProtocol(self.config), addr.host, addr.port, ssl=ctx,
-                    server_hostname=(tls.server_hostname or addr.host) if ctx else None)
-                self._transport = transport
-                assert protocol.session is not None
-                self.session = protocol.session
-                if ctx is not None:  # before waiting for HELLO: a web port would never send one
-                    ssl_obj = transport.get_extra_info("ssl_object")
-                    if ssl_obj is not None and ssl_obj.selected_alpn_protocol() != ALPN_PROTOCOL:
-                        raise RpcError(Status.UNAVAILABLE, f"{where} does not speak {ALPN_PROTOCOL} "
-                                       "(is it the web page's port?)")
+                if addr.scheme == "quic":
+                    await self._open_quic(addr, tls)
+                else:
+                    await self._open_tcp(addr, tls)
+                assert self.session is not None
                 await self.session.hello
         except TimeoutError:
             connected = self.session is not None
@@ -388,6 +379,29 @@ class Client:
         except RpcError:
             await self.close()
             raise
+
+    async def _open_tcp(self, addr: Address, tls: TlsConfig) -> None:
+        ctx = tls.client_context()
+        transport, protocol = await asyncio.get_running_loop().create_connection(
+            lambda: _ClientProtocol(self.config), addr.host, addr.port, ssl=ctx,
+            server_hostname=(tls.server_hostname or addr.host) if ctx else None)
+        self._transport = transport
+        assert protocol.session is not None
+        self.session = protocol.session
+        if ctx is not None:  # before waiting for HELLO: a web port would never send one
+            ssl_obj = transport.get_extra_info("ssl_object")
+            if ssl_obj is not None and ssl_obj.selected_alpn_protocol() != ALPN_PROTOCOL:
+                raise RpcError(Status.UNAVAILABLE, f"{addr.hostport} does not speak {ALPN_PROTOCOL} "
+                               "(is it the web page's port?)")
+
+    async def _open_quic(self, addr: Address, tls: TlsConfig) -> None:
+        from zrpc.quic import connect_quic
+
+        pipe, protocol = await connect_quic(addr.host, addr.port, tls, self.config.settings(),
+                                            lambda: _ClientProtocol(self.config))
+        self._transport = pipe  # type: ignore[assignment]
+        assert isinstance(protocol, _ClientProtocol)
+        self.session = protocol.session
 
     def use_session(self, session: ClientSession) -> None:
         """Run over an already connected session (in-memory transports)."""

@@ -19,7 +19,7 @@ import asyncio
 import logging
 from typing import Any
 
-from zrpc.address import Address, AddressError, parse_listen_address
+from zrpc.address import Address, parse_listen_address
 from zrpc.config import ServerConfig
 from zrpc.context import RequestContext
 from zrpc.dispatch import Authenticator, Dispatcher, ServerCall, ServerSession
@@ -166,6 +166,9 @@ class Server:
         self.per_ip = IpCounter(self.config.max_connections_per_ip)
         self._binds: list[tuple[Address, TlsConfig]] = []
         self._servers: list[asyncio.Server] = []
+        self._quic_binds: list[tuple[Address, TlsConfig]] = []
+        self._quic: list[Any] = []  # zrpc.quic.QuicListener (aioquic is imported only when used)
+        self.quic_addresses: list[tuple[str, int]] = []
         self._stopped: asyncio.Event | None = None
 
     # ---------------------------------------------------------- services
@@ -190,12 +193,20 @@ class Server:
         (a malformed one raises :class:`~zrpc.address.AddressError` here).
         """
         addr = parse_listen_address(address)
-        if addr.scheme != "zrpc":
-            raise AddressError(f"{address}: the {addr.scheme} transport is not available")
-        self._binds.append((addr, tls if tls is not None else TlsConfig.development()))
+        tls = tls if tls is not None else TlsConfig.development()
+        (self._quic_binds if addr.scheme == "quic" else self._binds).append((addr, tls))
+
+    def bind_quic(self, address: str, tls: TlsConfig | None = None) -> None:
+        """Listen for zrpc over QUIC on UDP ``host:port`` (same certificates, limits, auth).
+
+        The same as ``bind("quic://host:port")``. The bound addresses are in
+        :attr:`quic_addresses` after :meth:`start`.
+        """
+        addr = parse_listen_address(address)
+        self.bind(f"quic://{addr.hostport}", tls)
 
     async def start(self) -> list[tuple[str, int]]:
-        """Open the listeners; returns the bound (host, port) pairs."""
+        """Open the listeners; returns the bound TLS/TCP (host, port) pairs."""
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         bound = []
@@ -211,11 +222,22 @@ class Server:
         for host, port in bound:
             log.info("zrpc server listening on %s:%d (ALPN %s)", host, port, ALPN_PROTOCOL)
         self.addresses = bound
+        if self._quic_binds:
+            from zrpc.quic import serve_quic
+
+            cfg = self.config
+            for addr, tls in self._quic_binds:
+                listener = await serve_quic(addr.host, addr.port, tls, cfg.settings(), lambda: _ServerProtocol(self),
+                                            handshake_timeout=cfg.handshake_timeout_ms / 1000,
+                                            max_connections=cfg.max_connections)
+                self._quic.append(listener)
+                self.quic_addresses.append(listener.address)
+                log.info("zrpc server listening on quic://%s:%d (UDP, ALPN %s)", *listener.address, ALPN_PROTOCOL)
         return bound
 
     async def serve(self) -> None:
         """Start (if needed) and run until :meth:`shutdown`."""
-        if not self._servers:
+        if not self._servers and not self._quic:
             await self.start()
         assert self._stopped is not None
         await self._stopped.wait()
@@ -226,6 +248,8 @@ class Server:
         self.dispatcher.serving = False
         for srv in self._servers:
             srv.close()
+        for listener in self._quic:
+            listener.stop_accepting()
         for s in list(self.sessions):
             s.goaway()
         idle = [s.idle.wait() for s in self.sessions]
@@ -244,5 +268,8 @@ class Server:
         for srv in self._servers:
             await srv.wait_closed()
         self._servers.clear()
+        for listener in self._quic:
+            listener.close()
+        self._quic.clear()
         if self._stopped is not None:
             self._stopped.set()

@@ -153,6 +153,10 @@ class Connection:
         self._ping_sent_at: float | None = None
         self._ping_counter = 0
         self._early_pongs = bytearray()  # PONGs owed before our HELLO was sent
+        #: False over QUIC (:mod:`zrpc.protocol.quic`): each stream's OPEN comes on its own QUIC
+        #: stream, so OPENs of different streams may arrive in any order; the QUIC framing
+        #: guarantees each id is opened at most once.
+        self.stream_ids_in_order = True
         if peer_settings is not None:
             self._apply_peer(peer_settings)
 
@@ -308,11 +312,12 @@ class Connection:
     def _on_open(self, events: list[Event], sid: int, payload: bytes) -> None:
         if self.is_client:
             raise ProtocolError("server sent OPEN", Status.INTERNAL)
-        if sid % 2 == 0 or sid <= self._highest_id:
+        if sid % 2 == 0 or (sid <= self._highest_id and (self.stream_ids_in_order or sid in self.streams)):
             raise ProtocolError(f"OPEN with stream id {sid}: ids must be odd and increasing",
                                 Status.INTERNAL)
-        self._highest_id = sid
-        if self.goaway_sent is not None:
+        if sid > self._highest_id:
+            self._highest_id = sid
+        if self.goaway_sent is not None and sid > self.goaway_sent:
             self._queue_control(_T_RESET, sid, [int(Status.UNAVAILABLE), "server is shutting down"])
             return
         if len(self.streams) >= self.local.max_concurrent_streams:
