@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -125,8 +127,8 @@ class Upstream:
 class Relay:
     """One client stream through the broker (see module docstring)."""
 
-    __slots__ = ("client_ended", "done", "edge", "inbound", "key_field", "local", "metadata", "method",
-                 "outbox", "sid", "started", "timeout_ms", "topics", "up", "up_sid")
+    __slots__ = ("client_ended", "deadline", "done", "edge", "inbound", "key_field", "local", "metadata",
+                 "method", "outbox", "sid", "started", "timeout_ms", "timer", "topics", "up", "up_sid")
 
     def __init__(self, edge: EdgeSession, sid: int, method: str, timeout_ms: int | None,
                  metadata: dict[str, str], key_field: str | None) -> None:
@@ -145,6 +147,20 @@ class Relay:
         self.done = False
         self.local: Callable[[Any], Any] | None = None
         self.started = edge.loop.time()
+        # The deadline runs from the client's OPEN here, whether or not a message (which may be
+        # needed to pick the shard) ever arrives; the worker gets what is left of it.
+        self.deadline = None if timeout_ms is None else self.started + timeout_ms / 1000
+        self.timer: asyncio.TimerHandle | None = None
+
+    def expire(self) -> None:
+        self.timer = None
+        self.fail(Status.DEADLINE_EXCEEDED, "deadline exceeded")
+
+    def remaining_ms(self) -> int | None:
+        """What is left of the client's deadline, for the OPEN sent upstream."""
+        if self.deadline is None:
+            return None
+        return max(0, math.ceil((self.deadline - self.edge.loop.time()) * 1000))
 
     # ---------------------------------------------------- client -> worker
     def from_client(self, payload: bytes, compressed: bool, end: bool) -> None:
@@ -170,8 +186,12 @@ class Relay:
             return
         self.client_ended = True
         if self.up is None:
-            if self.local is None:
-                self.edge.route(self, None, False)
+            if self.local is not None:
+                if not self.done:  # END before the request: a unary call without its message
+                    self.fail(Status.INVALID_ARGUMENT, f"{self.method} expects one request message",
+                              cancel_upstream=False)
+                return
+            self.edge.route(self, None, False)
             if self.up is None:
                 return
         if self.inbound:
@@ -203,6 +223,13 @@ class Relay:
     def to_client(self, payload: bytes, compressed: bool, ack: int) -> None:
         edge = self.edge
         conn = edge.conn
+        why = conn.oversize(len(payload))
+        if why is not None:  # never skip it silently: the client would miss a message
+            if ack and self.up is not None:
+                self.up.conn.acknowledge(self.up_sid, ack)
+                edge.dirty(self.up)
+            self.fail(Status.RESOURCE_EXHAUSTED, f"{why}; raise the client's max_message_size")
+            return
         if not self.outbox and conn.streams.get(self.sid) is not None and conn.send_credit(self.sid) > 0:
             conn.send_message(self.sid, payload, compressed=compressed)
             if ack and self.up is not None:
@@ -262,6 +289,9 @@ class Relay:
             return
         self.done = True
         edge = self.edge
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         edge.broker.metrics.latency.labels(self.method).observe(edge.loop.time() - self.started)
         edge.relays.pop(self.sid, None)
         edge.unblock(self)
@@ -388,10 +418,17 @@ class EdgeSession(SessionBase):
                                       "(zrpc --token / ZRPC_TOKEN) or a client certificate")
             broker.metrics.call_done(ev.method, Status.UNAUTHENTICATED)
             return
+        if ev.timeout_ms == 0:  # already expired (docs/protocol.md section 10)
+            if sid in self.conn.streams:
+                self.conn.send_status(sid, Status.DEADLINE_EXCEEDED, "deadline exceeded (timeout_ms = 0)")
+            broker.metrics.call_done(ev.method, Status.DEADLINE_EXCEEDED)
+            return
         relay = Relay(self, sid, ev.method, ev.timeout_ms, ev.metadata,
                       route.shard_key if route is not None else None)
         relay.local = local
         self.relays[sid] = relay
+        if relay.deadline is not None:
+            relay.timer = self.loop.call_at(relay.deadline, relay.expire)
         if local is None and (route is None or route.shard_key is None
                               or SHARD_KEY_HEADER in ev.metadata):
             self.route(relay, None, False)
@@ -443,10 +480,14 @@ class EdgeSession(SessionBase):
             return
         up = self.upstreams.get(worker.identity)
         if up is None:
-            up = self.upstreams[worker.identity] = Upstream(worker, self.up_settings)
+            # The worker may send this client no message larger than the client accepts: a
+            # handler then gets RESOURCE_EXHAUSTED on its send instead of the broker dropping it.
+            limit = min(self.up_settings.max_message_size, self.conn.peer_max_message_size)
+            up = self.upstreams[worker.identity] = Upstream(
+                worker, dataclasses.replace(self.up_settings, max_message_size=limit))
             up.conn.send_hello({"principal": self.identity, "claims": self.claims, "peer": self.peer})
         try:
-            relay.up_sid = up.conn.open_stream(relay.method, relay.metadata, relay.timeout_ms)
+            relay.up_sid = up.conn.open_stream(relay.method, relay.metadata, relay.remaining_ms())
         except RpcError as exc:
             relay.fail(exc.status, exc.message, cancel_upstream=False)
             return

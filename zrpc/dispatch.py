@@ -86,7 +86,7 @@ class ServerCall:
         self._recv_type = method.spec.request_type
         self.context = context
         self.io = StreamIO(session, sid, session.dispatcher.config.stream_config.max_buffered_messages)
-        self.io.on_overflow = self._overflow
+        self.io.on_abort = self.abort
         self._task: asyncio.Task[None] | None = None
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._timed_out = False
@@ -141,11 +141,6 @@ class ServerCall:
         if self._task is not None:
             self._task.cancel()
 
-    def _overflow(self) -> None:
-        self.abort(Status.RESOURCE_EXHAUSTED,
-                   f"stream buffer full ({self.io.max_outbox} messages waiting for the client); "
-                   "the client is too slow: resume from your last id")
-
     # ------------------------------------------------------------ lifecycle
     def finish(self, code: Status, message: str = "", details: Any = None) -> None:
         conn = self.session.conn
@@ -173,7 +168,13 @@ class ServerCall:
             self._task.cancel()
 
     def expire(self) -> None:
+        """The deadline passed: STATUS DEADLINE_EXCEEDED now, then stop the handler.
+
+        The STATUS goes out here, not from the cancelled handler, so that a
+        call whose task has not run yet (a deadline of 0) is still ended.
+        """
         self._timed_out = True
+        self.finish(Status.DEADLINE_EXCEEDED, "deadline exceeded")
         if self._task is not None:
             self._task.cancel()
 
@@ -199,9 +200,7 @@ class ServerCall:
                 await handler(self)
             self.finish(Status.OK)
         except asyncio.CancelledError:
-            if self._timed_out:
-                self.finish(Status.DEADLINE_EXCEEDED, "deadline exceeded")
-            elif not self._peer_gone:
+            if not self._timed_out and not self._peer_gone:
                 self.finish(Status.UNAVAILABLE, "server is shutting down")
                 raise
         except RpcError as exc:
@@ -211,10 +210,12 @@ class ServerCall:
         except Exception as exc:
             log.exception("handler for %s failed", spec.name)
             self.finish(Status.UNKNOWN, f"handler raised {type(exc).__name__}: {exc}")
-        finally:
-            if self._deadline_timer is not None:
-                self._deadline_timer.cancel()
-            self.session.call_done(self)
+
+    def done(self, task: asyncio.Task[None]) -> None:
+        """The handler's task ended (also when it was cancelled before it first ran)."""
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+        self.session.call_done(self)
 
 
 class ServerSession(SessionBase):
@@ -291,9 +292,12 @@ class ServerSession(SessionBase):
         ctx._cancelled = call._closed
         self.calls[sid] = call
         self.idle.clear()
-        if deadline is not None:
-            call._deadline_timer = self.loop.call_at(deadline, call.expire)
         call._task = self.loop.create_task(call.run())
+        call._task.add_done_callback(call.done)
+        if timeout_ms == 0:  # already expired (docs/protocol.md section 10): never run the handler
+            call.expire()
+        elif deadline is not None:
+            call._deadline_timer = self.loop.call_at(deadline, call.expire)
 
     def call_done(self, call: ServerCall) -> None:
         self.calls.pop(call.sid, None)

@@ -176,7 +176,7 @@ class StreamIO:
     """One stream's receive queue and flow-controlled send path."""
 
     __slots__ = ("_credit", "_ended", "_error", "_inbox", "_outbox", "_reader", "max_outbox",
-                 "on_overflow", "session", "sid")
+                 "on_abort", "session", "sid")
 
     def __init__(self, session: SessionBase, sid: int, max_outbox: int = 4096) -> None:
         self.session = session
@@ -188,7 +188,8 @@ class StreamIO:
         self._error: RpcError | None = None
         self._outbox: collections.deque[bytes] = collections.deque()
         self.max_outbox = max_outbox
-        self.on_overflow: Callable[[], None] | None = None
+        #: ends the stream with a status when a pushed event cannot be delivered
+        self.on_abort: Callable[[Status, str], None] | None = None
 
     # ------------------------------------------------------------ receive
     def feed(self, payload: bytes, compressed: bool) -> None:
@@ -267,21 +268,36 @@ class StreamIO:
             self.session.schedule_flush()
 
     def push_nowait(self, payload: bytes) -> bool:
-        """Queue a payload without waiting (fan-out); False when the stream overflowed and ended."""
+        """Queue a payload without waiting (fan-out); False when the stream overflowed and ended.
+
+        An event larger than the peer's ``max_message_size`` also ends the
+        stream (RESOURCE_EXHAUSTED): skipping it would be a silent gap.
+        """
         if self._error is not None:
             return False
         conn = self.session.conn
+        why = conn.oversize(len(payload))
+        if why is not None:
+            self._abort(Status.RESOURCE_EXHAUSTED, f"{why}; raise the client's max_message_size")
+            return False
         if not self._outbox and conn.streams.get(self.sid) is not None and conn.send_credit(self.sid) > 0:
             conn.send_message(self.sid, payload)
             self.session.schedule_flush()
             return True
         if len(self._outbox) >= self.max_outbox:
-            if self.on_overflow is not None:
-                self.on_overflow()
+            self._abort(Status.RESOURCE_EXHAUSTED,
+                        f"stream buffer full ({self.max_outbox} messages waiting for the client); "
+                        "the client is too slow: resume from your last id")
             return False
         self._outbox.append(payload)
         self.session.block(self)
         return True
+
+    def _abort(self, code: Status, message: str) -> None:
+        if self.on_abort is not None:
+            self.on_abort(code, message)
+        else:
+            self.fail(RpcError(code, message))
 
     def credit_arrived(self) -> None:
         outbox = self._outbox

@@ -470,14 +470,33 @@ class Connection:
             raise StreamClosed(f"cannot send on stream {sid} in state {st.state.value}")
         return min(st.send_window, self._send_conn_window)
 
+    @property
+    def peer_max_message_size(self) -> int:
+        """The peer's announced ``max_message_size`` (0 before its HELLO)."""
+        return self._peer_max_message
+
+    def oversize(self, size: int) -> str | None:
+        """Why a message of ``size`` bytes may not be sent to the peer (None: it may).
+
+        The peer announced ``max_message_size`` in its HELLO; a larger message
+        would be a connection error there, so the stream must end instead.
+        """
+        if size > self._peer_max_message:
+            return (f"message of {size} bytes exceeds the peer's max_message_size "
+                    f"({self._peer_max_message})")
+        return None
+
     def send_message(self, sid: int, payload: bytes, *, end_stream: bool = False,
                      compressed: bool = False) -> None:
-        """Queue one message. Requires ``send_credit(sid) > 0`` (may overshoot by one message)."""
+        """Queue one message. Requires ``send_credit(sid) > 0`` (may overshoot by one message).
+
+        Raises RpcError RESOURCE_EXHAUSTED when the message exceeds the peer's
+        ``max_message_size`` (see :meth:`oversize`); nothing is queued then.
+        """
         st = self._live(sid)
         size = len(payload)
         if size > self._peer_max_message:
-            raise RpcError(Status.RESOURCE_EXHAUSTED, f"message of {size} bytes exceeds the peer's "
-                                                      f"max_message_size ({self._peer_max_message})")
+            raise RpcError(Status.RESOURCE_EXHAUSTED, self.oversize(size) or "")
         if st.send_window <= 0 or self._send_conn_window <= 0:
             raise FlowControlBlocked(sid)
         new = TRANSITIONS.get((st.state, _E.SEND_MESSAGE))
