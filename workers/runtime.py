@@ -188,7 +188,8 @@ class BrokerLink:
         def close() -> None:
             self.sessions.pop(cid, None)
 
-        s = ServerSession(w.dispatcher, write, close, peer="broker", authenticator=trust_principal)
+        s = ServerSession(w.dispatcher, write, close, peer="broker", authenticator=trust_principal,
+                          relayed_peer=True)
         self.sessions[cid] = s
         w.routes[s] = (self, cid)
         return s

@@ -224,13 +224,16 @@ class ServerSession(SessionBase):
     def __init__(self, dispatcher: Dispatcher, write: Callable[[bytes], Any],
                  close_transport: Callable[[], Any], *, peer: str | None = None,
                  authenticator: Authenticator | None = None,
-                 peer_settings: dict[str, Any] | None = None) -> None:
+                 peer_settings: dict[str, Any] | None = None, relayed_peer: bool = False) -> None:
         cfg = dispatcher.config
         super().__init__(Connection(Role.SERVER, cfg.settings(), peer_settings=peer_settings),
                          write, close_transport, debug=cfg.enable_debug_logging)
         self.dispatcher = dispatcher
         self.peer = peer
         self.authenticator = authenticator
+        #: a worker's session for one client connection of a broker: the HELLO's ``peer``
+        #: field (the client's address as the broker saw it) replaces ``peer``
+        self.relayed_peer = relayed_peer
         self.calls: dict[int, ServerCall] = {}
         self.idle = asyncio.Event()
         self.idle.set()
@@ -268,6 +271,9 @@ class ServerSession(SessionBase):
     def _hello(self, settings: dict[str, Any]) -> bool:
         if not self.accept_hello(settings, self.authenticator):
             return False
+        relayed = settings.get("peer")
+        if self.relayed_peer and isinstance(relayed, str):
+            self.peer = relayed  # a broker's virtual connection: the client's address as it saw it
         self.hello_received.set()
         return True
 

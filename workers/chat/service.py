@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.chat.policy import authorize_room
+from workers.chat.presence import PresenceGuard, client_ip
 from workers.chat.ratelimit import RateLimiter
 from workers.chat.rooms import Room, RoomTable
 from workers.chat.store import MessageStore, StoreConfig, StoredMessage
@@ -112,7 +113,12 @@ class ChatConfig:
     at once (0: unlimited): ``SendMessage`` past it fails with
     RESOURCE_EXHAUSTED and ``details {"retry_after_ms": N}``; batch and
     ``JoinChat`` messages are paced instead, unless the wait would pass the
-    call's deadline or ``rate_max_wait_ms``.
+    call's deadline or ``rate_max_wait_ms``. A client connection may keep at
+    most ``max_presence_names_per_connection`` distinct user names present
+    (``SubscribeToRoom``/``JoinChat`` streams), and unauthenticated connections
+    from one IP at most ``max_presence_names_per_ip`` together (per shard);
+    a stream past either fails with RESOURCE_EXHAUSTED (docs/chat.md, "What
+    presence costs").
     """
 
     store_path: str = ""
@@ -132,6 +138,8 @@ class ChatConfig:
     rate_per_s: float = 50.0        # messages per second per user (0: unlimited)
     rate_burst: int = 100           # messages a user may send at once
     rate_max_wait_ms: int = 10_000  # streams wait (are paced) at most this long for the rate
+    max_presence_names_per_connection: int = 16
+    max_presence_names_per_ip: int = 256  # unauthenticated connections only
 
     def __post_init__(self) -> None:
         if not self.store_path and not self.data_dir:
@@ -140,7 +148,8 @@ class ChatConfig:
             raise ValueError("ChatConfig: rate_per_s must be >= 0, rate_burst >= 1, "
                              "rate_max_wait_ms >= 0")
         for name in ("max_content_bytes", "max_room_name", "max_user_name", "history_page",
-                     "max_batch_inflight", "rooms_in_memory"):
+                     "max_batch_inflight", "rooms_in_memory", "max_presence_names_per_connection",
+                     "max_presence_names_per_ip"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ChatConfig.{name} must be >= 1")
 
@@ -214,6 +223,8 @@ class ChatService:
         self._sweep_at = config.rooms_in_memory
         self.limiter = (RateLimiter(config.rate_per_s, config.rate_burst)
                         if config.rate_per_s > 0 else None)
+        self.presence = PresenceGuard(config.max_presence_names_per_connection,
+                                      config.max_presence_names_per_ip)
 
     # ------------------------------------------------------------ wiring
     def build(self) -> Service:
@@ -486,12 +497,22 @@ class ChatService:
         return accepted[1]
 
     # ------------------------------------------------------------ presence
+    def _admit_presence(self, call: ServerCall, user: str) -> str | None:
+        """Count the stream's user against the presence caps; the IP counted (see _leave)."""
+        ctx = call.context
+        ip = client_ip(ctx.peer) if ctx.identity is None else None
+        why = self.presence.admit(call.session, ip, user)
+        if why is not None:
+            raise RpcError(Status.RESOURCE_EXHAUSTED, why)
+        return ip
+
     def _join(self, room: str, user: str, bus: Bus | None) -> None:
         st = self._state(room)
         if self.rooms.join(room, user, _now_ms()):
             self._emit(st, bus, room, functools.partial(ChatResponse.user_joined_response, user))
 
-    def _leave(self, room: str, user: str, bus: Bus | None) -> None:
+    def _leave(self, room: str, user: str, bus: Bus | None, call: ServerCall, ip: str | None) -> None:
+        self.presence.release(call.session, ip, user)
         if self.rooms.leave(room, user):
             self._emit(self._state(room), bus, room,
                        functools.partial(ChatResponse.user_left_response, user))
@@ -594,12 +615,13 @@ class ChatService:
         bus = self._bus(ctx)
         if not await self._attach(call, room, request.since_id, request.since_timestamp):
             return
+        ip = self._admit_presence(call, user)  # no suspension from here to the join
         # Still the same step as the attach: the stream sees its own user_joined.
         self._join(room, user, bus)
         try:
             await call.wait_closed()
         finally:
-            self._leave(room, user, bus)
+            self._leave(room, user, bus, call, ip)
 
     async def join_chat(self, call: ServerCall) -> None:
         """``Chat/JoinChat``: a join message, then messages both ways until either side ends."""
@@ -623,6 +645,7 @@ class ChatService:
         if not await self._attach(call, room, join.id or None,
                                   join.timestamp if join.timestamp > 0 else None):
             return
+        ip = self._admit_presence(call, user)
         self._join(room, user, bus)
         sending: asyncio.Future[StoredMessage] | None = None
         try:
@@ -654,10 +677,10 @@ class ChatService:
                 def leave_after(f: asyncio.Future[StoredMessage]) -> None:
                     if not f.cancelled():
                         f.exception()  # retrieved: the sender is gone, nobody else will read it
-                    self._leave(room, user, bus)
+                    self._leave(room, user, bus, call, ip)
                 sending.add_done_callback(leave_after)
             else:
-                self._leave(room, user, bus)
+                self._leave(room, user, bus, call, ip)
 
     async def list_users(self, request: ListUsersRequest, ctx: RequestContext) -> ListUsersResponse:
         """``Chat/ListUsers``: who is present in the room (by join time)."""
