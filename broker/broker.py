@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,23 @@ from zrpc.limits import IpCounter
 from zrpc.status import Status
 from zrpc.tls import TlsConfig, zrpc_home
 
-__all__ = ["Broker", "BrokerConfig"]
+__all__ = ["Broker", "BrokerConfig", "StartupError"]
 
 log = logging.getLogger("zrpc.broker")
+
+
+class StartupError(Exception):
+    """The broker cannot start: one line naming the option (``--listen HOST:PORT: address in use``)."""
+
+
+@contextlib.contextmanager
+def _startup_step(option: str, value: object) -> Iterator[None]:
+    """Turn a failed bind or an unreadable file into a :class:`StartupError` naming ``option``."""
+    try:
+        yield
+    except (OSError, ValueError, zmq.ZMQError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise StartupError(f"{option} {value}: {reason}") from None
 
 
 @dataclass(frozen=True)
@@ -143,7 +158,8 @@ class Broker:
         self.router.setsockopt(zmq.RCVHWM, 0)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router_endpoint = cfg.router or f"ipc://{runtime}/broker.ipc"
-        self.router.bind(self.router_endpoint)
+        with _startup_step("--router", self.router_endpoint):
+            self.router.bind(self.router_endpoint)
         self.sub: zmq.Socket[Any] = self.zctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, 100_000)
         self.sub.setsockopt(zmq.LINGER, 0)
@@ -151,24 +167,28 @@ class Broker:
         self._sub_reader = SocketReader(self.sub, self._on_bus)
         self._tasks.append(loop.create_task(self._heartbeat()))
         tls = cfg.tls if cfg.tls is not None else TlsConfig.development()
-        ctx = tls.server_context()
-        listen = parse_listen_address(cfg.listen)
-        if listen.scheme != "zrpc":
-            raise AddressError(f"--listen {cfg.listen}: the {listen.scheme} transport is not available")
-        host, port = listen.host, listen.port
-        self._server = await loop.create_server(
-            lambda: EdgeProtocol(self), host, port, ssl=ctx, backlog=1024,
-            ssl_handshake_timeout=cfg.server.handshake_timeout_ms / 1000 if ctx else None)
+        with _startup_step("--cert", tls.cert_file):
+            ctx = tls.server_context()
+        with _startup_step("--listen", cfg.listen):
+            listen = parse_listen_address(cfg.listen)
+            if listen.scheme != "zrpc":
+                raise AddressError(f"the {listen.scheme} transport is not available")
+            host, port = listen.host, listen.port
+            self._server = await loop.create_server(
+                lambda: EdgeProtocol(self), host, port, ssl=ctx, backlog=1024,
+                ssl_handshake_timeout=cfg.server.handshake_timeout_ms / 1000 if ctx else None)
         name = self._server.sockets[0].getsockname()
         self.address = (name[0], name[1])
         if cfg.web_port is not None:
             self.web = WebServer(lambda: EdgeProtocol(self), cfg.server, WebServer.context_for(ctx, tls),
                                  host, cfg.web_port, cfg.web_origins)
-            await self.web.start()
+            with _startup_step("--web-port", cfg.web_port):
+                await self.web.start()
         if cfg.metrics_port is not None:
             self.metrics.bind(self.fanout, live_workers=lambda: len(self.registry.by_identity),
                               connections=lambda: len(self.sessions))
-            self.metrics.serve(cfg.metrics_port)
+            with _startup_step("--metrics-port", cfg.metrics_port):
+                self.metrics.serve(cfg.metrics_port)
         if cfg.workers > 0:
             data_dir = cfg.data_dir or str(zrpc_home() / "data")
             Path(data_dir).mkdir(parents=True, exist_ok=True)

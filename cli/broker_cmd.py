@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -11,7 +12,7 @@ from dataclasses import replace
 
 import click
 
-from broker.broker import Broker, BrokerConfig
+from broker.broker import Broker, BrokerConfig, StartupError
 from cli.common import LOG_LEVELS, AddressParam, run_async, setup_logging, tls_from_options, tune_gc
 from zrpc.auth import JwtAuthenticator
 from zrpc.config import ServerConfig, StreamConfig
@@ -61,9 +62,9 @@ def _authenticator(secret: str | None, public_key_file: str | None, audience: st
                    "tcp://0.0.0.0:7000 for workers on other hosts).")
 @click.option("--runtime-dir", type=click.Path(file_okay=False), default=None, envvar="ZRPC_RUNTIME_DIR",
               help="Directory for ipc:// endpoints (default: a fresh temporary directory).")
-@click.option("--cert", default=None, envvar="ZRPC_TLS_CERT", help="Server certificate chain (PEM).")
-@click.option("--key", default=None, envvar="ZRPC_TLS_KEY", help="Server private key (PEM).")
-@click.option("--ca", default=None, envvar="ZRPC_TLS_CA", help="CA bundle for client certificates (mTLS).")
+@click.option("--cert", default=None, envvar="ZRPC_TLS_CERT", type=click.Path(exists=True, dir_okay=False), help="Server certificate chain (PEM).")
+@click.option("--key", default=None, envvar="ZRPC_TLS_KEY", type=click.Path(exists=True, dir_okay=False), help="Server private key (PEM).")
+@click.option("--ca", default=None, envvar="ZRPC_TLS_CA", type=click.Path(exists=True, dir_okay=False), help="CA bundle for client certificates (mTLS).")
 @click.option("--require-client-cert", is_flag=True, envvar="ZRPC_REQUIRE_CLIENT_CERT",
               help="Mutual TLS: clients must present a certificate signed by --ca.")
 @click.option("--insecure", is_flag=True, envvar="ZRPC_INSECURE", help="Plaintext, no TLS (development only).")
@@ -181,7 +182,12 @@ def start(listen: str, workers: int, shards: int | None, data_dir: str | None, r
         else:
             log.info("authentication: JWT (%s); anonymous clients may only call Health/*",
                      ", ".join(authenticator.algorithms))
-        host, port = await broker.start()
+        try:
+            host, port = await broker.start()
+        except StartupError as exc:
+            with contextlib.suppress(Exception):  # undo what did start (listeners, tasks)
+                await broker.shutdown(0)
+            raise click.ClickException(str(exc)) from None
         click.echo(f"zrpc broker listening on {host}:{port} ({workers} worker(s), "
                    f"{config.shard_count} shard(s)); Ctrl-C to stop", err=True)
         web = broker.web.address if broker.web is not None else None

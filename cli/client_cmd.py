@@ -1,10 +1,11 @@
 """``zrpc``: the command-line client (chat commands plus generic calls).
 
-Every command connects to ``--server`` (TLS with the development CA unless
-``--ca``/``--insecure``), runs, and exits with a code derived from the call's
-status: 0 OK, 2 INVALID_ARGUMENT (and usage errors), 3 UNAVAILABLE (server
-unreachable or gone), 4 UNAUTHENTICATED / PERMISSION_DENIED, 5
-DEADLINE_EXCEEDED, 1 anything else. Errors are printed to stderr as
+Every command connects to ``--server`` (TLS trusting the system store plus the
+development CA, unless ``--ca``/``--insecure``), runs, and exits with a code
+derived from the call's status: 0 OK, 2 INVALID_ARGUMENT (and usage errors), 3
+UNAVAILABLE (server unreachable or gone), 4 UNAUTHENTICATED /
+PERMISSION_DENIED, 5 DEADLINE_EXCEEDED, 130 stopped by Ctrl-C (SIGINT), 1
+anything else. Errors are printed to stderr as
 ``error: STATUS_NAME: message``; ``--json`` prints one JSON object per line on
 stdout instead of the human format.
 """
@@ -20,7 +21,8 @@ import re
 import stat
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field, replace
 from typing import IO, TYPE_CHECKING, Any
 
@@ -51,8 +53,6 @@ EXIT_CODES: dict[Status, int] = {
     Status.PERMISSION_DENIED: 4,
     Status.DEADLINE_EXCEEDED: 5,
 }
-#: Inputs at least this large (bytes, when known) get a progress bar on a terminal.
-PROGRESS_MIN_BYTES = 64 * 1024
 #: How long ``chat`` waits at end of input for its own messages to come back as events.
 ECHO_WAIT_S = 5.0
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -137,8 +137,7 @@ def _settings() -> Settings:
     return settings
 
 
-def _run(work: Callable[[Settings], Coroutine[Any, Any, int | None]], *,
-         interrupted: int = 130) -> None:
+def _run(work: Callable[[Settings], Coroutine[Any, Any, int | None]]) -> None:
     """Run ``work`` on uvloop and turn its outcome into the exit code."""
     settings = _settings()
     ctx = click.get_current_context()
@@ -151,7 +150,7 @@ def _run(work: Callable[[Settings], Coroutine[Any, Any, int | None]], *,
         Output.error(str(exc), Status.INVALID_ARGUMENT.name)
         code = 2
     except KeyboardInterrupt:
-        code = interrupted
+        code = 130  # as shells expect of a command stopped by Ctrl-C
     except BrokenPipeError:
         with contextlib.suppress(OSError):  # the reader went away (`| head`): quietly stop
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at exit
@@ -334,7 +333,7 @@ def main(ctx: click.Context, server: str, ca: str | None, cert: str | None, key:
     --server HOST:PORT ...`); there they win over the ones before it.
 
     Exit codes: 0 ok, 1 other error, 2 usage / INVALID_ARGUMENT, 3 UNAVAILABLE,
-    4 UNAUTHENTICATED / PERMISSION_DENIED, 5 DEADLINE_EXCEEDED.
+    4 UNAUTHENTICATED / PERMISSION_DENIED, 5 DEADLINE_EXCEEDED, 130 Ctrl-C.
     """
     ctx.obj = Settings(server=server, ca=ca, cert=cert, key=key, insecure=insecure, token=token,
                        timeout=timeout, out=Output(json_mode=json_mode, color=_isatty(sys.stdout)))
@@ -384,6 +383,38 @@ def send(room: str, user: str, text: tuple[str, ...]) -> None:
     _run(work)
 
 
+@contextlib.contextmanager
+def _progress(size: int | None, *, on: bool) -> Iterator[Callable[[int, bool], None]]:
+    """Progress of ``batch`` on stderr: a bar when the input size is known, else a count.
+
+    Yields ``advance(nbytes, is_message)``; draws nothing when ``on`` is false
+    (stderr is not a terminal, or ``--json``).
+    """
+    if not on:
+        yield lambda nbytes, counted: None
+        return
+    if size:
+        with click.progressbar(length=size, label="sending", file=sys.stderr,
+                               show_pos=False, show_percent=True, show_eta=True) as bar:
+            yield lambda nbytes, counted: bar.update(nbytes)
+        return
+    sent = [0, 0.0]
+
+    def count(nbytes: int, counted: bool) -> None:
+        sent[0] += counted
+        now = time.monotonic()
+        if now - sent[1] >= 0.1:
+            sent[1] = now
+            sys.stderr.write(f"\rsending: {sent[0]} message(s)")
+            sys.stderr.flush()
+
+    try:
+        yield count
+    finally:
+        sys.stderr.write(f"\rsent: {int(sent[0])} message(s)\n")
+        sys.stderr.flush()
+
+
 def _batch_message(line: str, lineno: int, room: str, user: str, where: str) -> Message | None:
     from zrpc.chat import Message
 
@@ -422,22 +453,17 @@ def batch(room: str, user: str, file: IO[str]) -> None:
     where = "stdin" if file.name in ("-", "<stdin>") else file.name
 
     async def work(s: Settings) -> None:
-        size = _input_size(file)
-        show = size is not None and size >= PROGRESS_MIN_BYTES and _isatty(sys.stderr)
         chat = await s.chat()
         async with chat:
             reader = LineReader(file)
-            with contextlib.ExitStack() as stack:
-                bar: Any = stack.enter_context(click.progressbar(
-                    length=size, label="sending", file=sys.stderr)) if show else None
+            with _progress(_input_size(file), on=_isatty(sys.stderr) and not s.out.json_mode) as bar:
 
                 async def messages() -> AsyncIterator[Message]:
                     n = 0
                     async for line in reader:
                         n += 1
-                        if bar is not None:
-                            bar.update(len(line.encode("utf-8")))
                         msg = _batch_message(line, n, room, user, where)
+                        bar(len(line.encode("utf-8")), msg is not None)
                         if msg is not None:
                             yield msg
 
@@ -464,7 +490,7 @@ def batch(room: str, user: str, file: IO[str]) -> None:
 @click.option("--no-reconnect", is_flag=True, help="Exit on a lost connection instead of resuming.")
 def subscribe(room: str, user: str, since_id: int | None, since: int | None, count: int | None,
               no_reconnect: bool) -> None:
-    """Print the events of a room as they arrive (Ctrl-C stops).
+    """Print the events of a room as they arrive (Ctrl-C stops, exit 130).
 
     Messages print as `time #id user: text`; joins and leaves are marked
     with --> and <--. A lost connection is re-established and the
@@ -492,7 +518,7 @@ def subscribe(room: str, user: str, since_id: int | None, since: int | None, cou
                     if count is not None and seen >= count:
                         break
 
-    _run(work, interrupted=0)
+    _run(work)
 
 
 @main.command()
@@ -543,7 +569,7 @@ def chat(room: str, user: str) -> None:
             finally:
                 await session.close()
 
-    _run(work, interrupted=0)
+    _run(work)
 
 
 class _Seen:

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import click
 
 from zrpc.address import AddressError, parse_address
+from zrpc.redact import RedactingFilter
 from zrpc.tls import TlsConfig
 
 __all__ = ["LOG_LEVELS", "AddressParam", "run_async", "setup_logging", "tls_from_options", "tune_gc"]
@@ -41,6 +42,9 @@ def setup_logging(level: str, name: str) -> None:
         stream=sys.stderr,
         format=f"%(asctime)s level=%(levelname)s proc={name} logger=%(name)s msg=%(message)s",
     )
+    for handler in logging.getLogger().handlers:  # no token or secret in any line
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
 
 
 def tune_gc(young_threshold: int | None = None) -> None:

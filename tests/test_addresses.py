@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import os
 import pathlib
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import test_cli_client
@@ -285,3 +288,70 @@ def test_client_default_trusts_the_system_store_too(tmp_path: pathlib.Path) -> N
     default = ssl.create_default_context()
     # Every system CA plus the development one.
     assert len(ctx.get_ca_certs()) == len(default.get_ca_certs()) + 1
+
+
+# ------------------------------------------------------------------ terminal behaviour
+
+
+ZRPC = os.path.join(os.path.dirname(sys.executable), "zrpc")
+
+
+def _spawn(server: ServerThread, home: pathlib.Path, *args: str) -> Any:
+    pexpect = pytest.importorskip("pexpect")
+    env = {**os.environ, "ZRPC_HOME": str(home), "ZRPC_SERVER": server.address, "TERM": "xterm"}
+    return pexpect.spawn(ZRPC, list(args), env=env, encoding="utf-8", timeout=30,
+                         dimensions=(24, 120))
+
+
+def test_batch_shows_progress_on_a_terminal_only(server: ServerThread, home: pathlib.Path,
+                                                 tmp_path: pathlib.Path) -> None:
+    import pexpect
+
+    lines = tmp_path / "lines.txt"
+    lines.write_text("".join(f"line {i}\n" for i in range(40)))
+    child = _spawn(server, home, "batch", "-r", "bar", "-u", "ann", str(lines))
+    try:
+        child.expect("sending")
+        child.expect(r"sent \S*40\S* message\(s\)")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    # From a pipe: a running count instead of a bar.
+    child = _spawn(server, home, "batch", "-r", "bar", "-u", "ann")
+    try:
+        child.sendline("one")
+        child.sendline("two")
+        child.sendeof()
+        child.expect(r"sent: 2 message\(s\)")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    # --json (and a non-terminal stderr, see test_cli_client) draws nothing.
+    child = _spawn(server, home, "batch", "--json", "-r", "bar", "-u", "ann", str(lines))
+    try:
+        child.expect(pexpect.EOF)
+        assert "sending" not in (child.before or "")
+        assert '"total_messages":40' in (child.before or "")
+    finally:
+        child.close(force=True)
+
+
+def test_ctrl_c_during_subscribe_exits_130(server: ServerThread, home: pathlib.Path) -> None:
+    child = _spawn(server, home, "subscribe", "-r", "sig", "-u", "sam", "--since-id", "0")
+    try:
+        cli(home, server.address, "send", "-r", "sig", "-u", "ann", "marker")
+        child.expect(r"ann\S*: marker")
+        child.sendintr()  # Ctrl-C from the terminal
+        child.expect(pexpect_eof())
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 130
+    assert "Traceback" not in (child.before or "")
+
+
+def pexpect_eof() -> Any:
+    import pexpect
+
+    return pexpect.EOF

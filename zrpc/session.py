@@ -21,6 +21,7 @@ from zrpc.codec import decompress
 from zrpc.protocol.connection import Connection
 from zrpc.protocol.events import ConnectionTerminated, Event
 from zrpc.protocol.frames import FrameType
+from zrpc.redact import redact
 from zrpc.status import RpcError, Status, StreamClosed
 
 __all__ = ["CreditWaiter", "SessionBase", "StreamIO"]
@@ -332,5 +333,6 @@ def _trace(direction: str, data: bytes) -> None:
 
 
 def trace_events(events: list[Event]) -> None:
+    """Log received events (``--debug-frames``), secrets such as HELLO's token redacted."""
     for ev in events:
-        frame_log.debug("recv %r", ev)
+        frame_log.debug("recv %s", redact(repr(ev)))
