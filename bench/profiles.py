@@ -44,7 +44,7 @@ def top_functions(path: Path, n: int = 15) -> dict[str, Any]:
         proc = "process"
         while frames and frames[0].startswith("process "):  # parent;child;... with --subprocesses
             proc, _, cmd = frames[0].partition(":")
-            proc += " worker" if "worker_cmd" in cmd else (" broker" if "zrpc-broker" in cmd else "")
+            proc += " worker" if "zrpc-worker" in cmd or "worker_cmd" in cmd else (" broker" if "zrpc-broker" in cmd else "")
             frames = frames[1:]
         frames = [f for f in frames if not f.startswith("thread ")]
         if not frames:

@@ -14,9 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +25,12 @@ import zmq
 
 from broker.edge import EdgeProtocol, EdgeSession
 from broker.metrics import BrokerMetrics
-from broker.registry import WorkerInfo, WorkerRegistry
-from broker.supervisor import Supervisor, WorkerSpec
+from broker.registry import Refusal, WorkerInfo, WorkerRegistry
+from broker.rundir import make_runtime_dir
+from broker.supervisor import Supervisor
 from broker.web import WebServer
 from cluster import wire
+from cluster.config import DEFAULT_APP, WorkerConfig, mismatch
 from cluster.sharding import shard_for
 from cluster.zmqio import SocketReader
 from zrpc.address import AddressError, parse_listen_address
@@ -76,7 +76,19 @@ class BrokerConfig:
     web_port: int | None = None               # HTTPS chat page + zrpc over WebSocket (broker/web.py)
     web_origins: tuple[str, ...] = ()         # origins besides the page's own allowed to open /zrpc
     log_level: str = "INFO"
-    worker_args: tuple[str, ...] = ()
+    app: str = DEFAULT_APP                    # module:function the spawned workers serve
+    app_options: dict[str, Any] = field(default_factory=dict)  # passed to the app (chat rate limits)
+
+    def worker_config(self, shard: int, router: str, runtime_dir: str, data_dir: str) -> WorkerConfig:
+        """What a worker this broker spawns for ``shard`` is given (``zrpc-worker --config``)."""
+        srv = self.server
+        return WorkerConfig(shard=shard, shards=self.shard_count, brokers=(router,),
+                            bus=f"ipc://{runtime_dir}/bus-{shard}.ipc", data_dir=data_dir,
+                            heartbeat_ms=self.heartbeat_ms, liveness=self.liveness, app=self.app,
+                            log_level=self.log_level, max_message_size=srv.max_message_size,
+                            stream_window=srv.stream_config.buffer_size,
+                            max_buffered_messages=srv.stream_config.max_buffered_messages,
+                            app_options=dict(self.app_options))
 
     @property
     def shard_count(self) -> int:
@@ -110,6 +122,8 @@ class Broker:
             "Reflection/List": self._reflection,
         }
         self.stopping = False
+        self.fatal: str | None = None           # why the broker cannot go on (a worker cannot start)
+        self.failed = asyncio.Event()           # set with ``fatal``: the owner shuts the broker down
         self._cids = itertools.count(1)
         self._bus_connected: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -147,8 +161,7 @@ class Broker:
         loop = asyncio.get_running_loop()
         runtime = cfg.runtime_dir
         if runtime is None:
-            base = os.environ.get("XDG_RUNTIME_DIR")
-            runtime = self._own_runtime = tempfile.mkdtemp(prefix="zrpc-", dir=base if base and os.path.isdir(base) else None)
+            runtime = self._own_runtime = make_runtime_dir()
         Path(runtime).mkdir(parents=True, exist_ok=True)
         self.runtime_dir = runtime
         self.zctx = zmq.Context()
@@ -192,10 +205,9 @@ class Broker:
         if cfg.workers > 0:
             data_dir = cfg.data_dir or str(zrpc_home() / "data")
             Path(data_dir).mkdir(parents=True, exist_ok=True)
-            specs = [WorkerSpec(k, self.shards, self.router_endpoint, f"ipc://{runtime}/bus-{k}.ipc",
-                                data_dir, cfg.heartbeat_ms, cfg.liveness, cfg.log_level, cfg.worker_args)
-                     for k in range(min(cfg.workers, self.shards))]
-            self.supervisor = Supervisor(specs, self._worker_exited)
+            configs = [cfg.worker_config(k, self.router_endpoint, runtime, data_dir)
+                       for k in range(min(cfg.workers, self.shards))]
+            self.supervisor = Supervisor(configs, self._worker_exited, self._give_up)
             await self.supervisor.start()
         log.info("broker listening on %s:%d (%s), workers connect to %s, %d shard(s)",
                  self.address[0], self.address[1], "TLS" if ctx else "PLAINTEXT",
@@ -237,7 +249,9 @@ class Broker:
             return
         worker = self.registry.heard(identity, now)
         if worker is None:
-            self._send([identity, wire.REFUSED, msgpack.packb("unknown worker: send READY")])
+            if cmd == wire.BYE:  # a worker we never registered (or refused) leaves
+                return
+            self._send([identity, wire.REFUSED, wire.refused("unknown worker: send READY", fatal=False)])
             return
         if cmd == wire.FRAMES and len(msg) == 4:
             edge = self.sessions.get(msg[2])
@@ -265,19 +279,29 @@ class Broker:
                 self._worker_dead(w, f"worker for shard {w.shard} stopped")
 
     def _ready(self, identity: bytes, msg: list[bytes], now: float) -> None:
+        cfg = self.config
         try:
             info = msgpack.unpackb(msg[2]) if len(msg) > 2 else {}
             if not isinstance(info, dict) or info.get("version") != wire.CLUSTER_VERSION:
-                raise ValueError(f"unsupported cluster version {info.get('version') if isinstance(info, dict) else None!r}")
+                raise Refusal(f"unsupported cluster version {info.get('version') if isinstance(info, dict) else None!r}",
+                              fatal=True)
+            agree = info.get("agree")
+            why = mismatch(agree if isinstance(agree, dict) else {}, heartbeat_ms=cfg.heartbeat_ms,
+                           liveness=cfg.liveness, max_message_size=cfg.server.max_message_size)
+            if why is not None:
+                raise Refusal(why, fatal=True)
             old = self.registry.by_identity.get(identity)
             w = self.registry.register(identity, info, now)
         except (ValueError, TypeError, KeyError) as exc:
-            log.warning("refusing worker: %s", exc)
-            self._send([identity, wire.REFUSED, msgpack.packb(str(exc))])
+            fatal = isinstance(exc, Refusal) and exc.fatal
+            log.warning("refusing worker%s: %s", " for good" if fatal else "", exc)
+            self._send([identity, wire.REFUSED, wire.refused(str(exc), fatal=fatal)])
             return
         self._ready_changed.set()
         if old is None:
             log.info("worker pid %d registered for shard %d/%d", w.pid, w.shard, w.shards)
+            if self.supervisor is not None:
+                self.supervisor.worker_registered(w.pid)
         if w.bus and w.bus not in self._bus_connected:
             self.sub.connect(w.bus)
             self._bus_connected.add(w.bus)
@@ -321,8 +345,16 @@ class Broker:
             await asyncio.sleep(interval)  # the heartbeat period itself
             for w in self.registry.expired(loop.time()):
                 self._worker_dead(w, f"worker for shard {w.shard} stopped answering heartbeats")
+                if self.supervisor is not None:  # hung (stopped, deadlocked): replace it
+                    self._tasks.append(loop.create_task(self.supervisor.kill_hung(w.pid)))
             for identity in list(self.registry.by_identity):
                 self._send([identity, wire.HEARTBEAT])
+
+    def _give_up(self, reason: str) -> None:
+        """A worker cannot start and restarting will not help: the broker stops with the reason."""
+        if self.fatal is None:
+            self.fatal = reason
+            self.failed.set()
 
     def _worker_exited(self, shard: int, pid: int, code: int) -> None:
         w = self.registry.remove_pid(pid)

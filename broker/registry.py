@@ -11,7 +11,15 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["MethodRoute", "WorkerInfo", "WorkerRegistry"]
+__all__ = ["MethodRoute", "Refusal", "WorkerInfo", "WorkerRegistry"]
+
+
+class Refusal(ValueError):
+    """Why a worker's READY is refused; ``fatal``: it can never succeed (the worker should exit)."""
+
+    def __init__(self, reason: str, *, fatal: bool) -> None:
+        super().__init__(reason)
+        self.fatal = fatal
 
 
 @dataclass(frozen=True)
@@ -50,17 +58,18 @@ class WorkerRegistry:
         return self.interval * self.liveness
 
     def register(self, identity: bytes, info: dict[str, Any], now: float) -> WorkerInfo:
-        """Add a worker; raises ValueError with a reason to send back when refused."""
+        """Add a worker; raises :class:`Refusal` with the reason to send back when refused."""
         shard, shards = info.get("shard"), info.get("shards")
         if type(shard) is not int or type(shards) is not int:
-            raise ValueError("READY must carry integer shard and shards")
+            raise Refusal("READY must carry integer shard and shards", fatal=True)
         if shards != self.shards:
-            raise ValueError(f"worker is configured for {shards} shards; this broker runs {self.shards}")
+            raise Refusal(f"worker is configured for {shards} shards; this broker runs {self.shards}",
+                          fatal=True)
         if not 0 <= shard < shards:
-            raise ValueError(f"shard {shard} out of range 0..{shards - 1}")
+            raise Refusal(f"shard {shard} out of range 0..{shards - 1}", fatal=True)
         current = self.by_shard.get(shard)
-        if current is not None and current.identity != identity:
-            raise ValueError(f"shard {shard} is already served by pid {current.pid}")
+        if current is not None and current.identity != identity:  # may heal: that worker may die
+            raise Refusal(f"shard {shard} is already served by pid {current.pid}", fatal=False)
         methods = info.get("methods") or []
         w = WorkerInfo(identity, shard, shards, int(info.get("pid") or 0),
                        dict(info.get("settings") or {}), info.get("bus"), now + self.ttl, methods)

@@ -8,12 +8,14 @@ import json
 import logging
 import os
 import signal
+import sys
 from dataclasses import replace
 
 import click
 
 from broker.broker import Broker, BrokerConfig, StartupError
 from cli.common import LOG_LEVELS, AddressParam, run_async, setup_logging, tls_from_options, tune_gc
+from cluster.config import DEFAULT_APP
 from zrpc.auth import JwtAuthenticator
 from zrpc.config import ServerConfig, StreamConfig
 
@@ -150,11 +152,11 @@ def start(listen: str, workers: int, shards: int | None, data_dir: str | None, r
         raise click.UsageError(str(exc)) from None
     authenticator = _authenticator(auth_secret, auth_public_key, auth_audience, auth_issuer,
                                    auth_leeway)
-    # The workers (spawned with this environment) build their chat service from it.
+    app_options: dict[str, float | int] = {}  # handed to each worker in its WorkerConfig
     if chat_rate_per_s is not None:
-        os.environ["ZRPC_CHAT_RATE_PER_S"] = str(chat_rate_per_s)
+        app_options["rate_per_s"] = chat_rate_per_s
     if chat_rate_burst is not None:
-        os.environ["ZRPC_CHAT_RATE_BURST"] = str(chat_rate_burst)
+        app_options["rate_burst"] = chat_rate_burst
     server = replace(ServerConfig(), max_connections=max_connections, max_message_size=max_message_size,
                      max_connections_per_ip=max_connections_per_ip,
                      idle_timeout_ms=idle_timeout_ms or None, authenticator=authenticator,
@@ -164,9 +166,9 @@ def start(listen: str, workers: int, shards: int | None, data_dir: str | None, r
                           runtime_dir=runtime_dir, router=router, heartbeat_ms=heartbeat_ms,
                           liveness=liveness, server=server, metrics_port=metrics_port,
                           web_port=web_port, web_origins=tuple(web_origins),
-                          log_level=log_level, worker_args=("--app", app_ref) if app_ref else ())
+                          log_level=log_level, app=app_ref or DEFAULT_APP, app_options=app_options)
 
-    async def run() -> None:
+    async def run() -> str | None:
         broker = Broker(config)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -207,13 +209,18 @@ def start(listen: str, workers: int, shards: int | None, data_dir: str | None, r
             log.info("all %d shard(s) have a live worker: serving", config.shard_count)
 
         ready = asyncio.create_task(announce())
-        await stop.wait()
+        failed = asyncio.create_task(broker.failed.wait())
+        await asyncio.wait([asyncio.create_task(stop.wait()), failed], return_when=asyncio.FIRST_COMPLETED)
         ready.cancel()
         log.info("shutting down (grace %.1fs)", grace)
-        await broker.shutdown(grace)
+        await broker.shutdown(0 if broker.fatal else grace)
+        return broker.fatal
 
     tune_gc()
-    run_async(run())
+    fatal = run_async(run())
+    if fatal is not None:
+        click.echo(f"zrpc-broker: {fatal}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

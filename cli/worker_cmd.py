@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 from pathlib import Path
 
 import click
 
 from cli.common import LOG_LEVELS, run_async, setup_logging, tune_gc
+from cluster.config import DEFAULT_APP, WorkerConfig
 from workers.app import load_app
-from workers.runtime import Worker, WorkerConfig
+from workers.runtime import Worker
 
-__all__ = ["main"]
+__all__ = ["EX_CONFIG", "main"]
+
+#: Exit status of a worker whose configuration can never work (sysexits.h EX_CONFIG).
+EX_CONFIG = 78
 
 
 def _default_bus(broker: str, shard: int) -> str:
@@ -23,50 +28,109 @@ def _default_bus(broker: str, shard: int) -> str:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--shard", type=int, required=True, envvar="ZRPC_SHARD", help="Shard this worker owns (0-based).")
-@click.option("--shards", type=int, required=True, envvar="ZRPC_SHARDS", help="Total number of shards.")
-@click.option("--broker", "brokers", multiple=True, required=True, envvar="ZRPC_BROKER",
+@click.option("--config", "config_json", default=None, metavar="JSON",
+              help="The whole configuration as JSON (how zrpc-broker starts its workers); "
+                   "no other option but a matching --shard may be given with it.")
+@click.option("--shard", type=int, default=None, envvar="ZRPC_SHARD", help="Shard this worker owns (0-based).")
+@click.option("--shards", type=int, default=None, envvar="ZRPC_SHARDS", help="Total number of shards.")
+@click.option("--broker", "brokers", multiple=True, envvar="ZRPC_BROKER",
               help="Broker ROUTER endpoint to connect to (ipc://... or tcp://host:port); repeat for several brokers.")
 @click.option("--bus", default=None, envvar="ZRPC_BUS",
               help="Endpoint this worker's PUB socket binds for room events (default: next to an ipc:// broker).")
-@click.option("--data-dir", type=click.Path(file_okay=False), required=True, envvar="ZRPC_DATA_DIR",
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, envvar="ZRPC_DATA_DIR",
               help="Directory for this shard's SQLite history (shard-N.sqlite).")
-@click.option("--heartbeat-ms", type=int, default=1000, show_default=True, envvar="ZRPC_HEARTBEAT_MS")
+@click.option("--heartbeat-ms", type=int, default=1000, show_default=True, envvar="ZRPC_HEARTBEAT_MS",
+              help="Heartbeat interval; must equal the broker's.")
 @click.option("--liveness", type=int, default=3, show_default=True, envvar="ZRPC_LIVENESS",
-              help="Missed heartbeats before the broker is declared dead.")
-@click.option("--app", "app_ref", default="workers.app:chat_app", show_default=True, envvar="ZRPC_APP",
+              help="Missed heartbeats before the broker is declared dead; must equal the broker's.")
+@click.option("--max-message-size", type=click.IntRange(min=1024), default=4 * 1024 * 1024, show_default=True,
+              envvar="ZRPC_MAX_MESSAGE_SIZE", help="Largest message accepted; at least the broker's.")
+@click.option("--stream-window", type=click.IntRange(min=1024), default=256 * 1024, show_default=True,
+              envvar="ZRPC_STREAM_WINDOW", help="Per-stream receive window (bytes).")
+@click.option("--max-buffered-messages", type=click.IntRange(min=1), default=4096, show_default=True,
+              envvar="ZRPC_MAX_BUFFERED_MESSAGES", help="Events queued per stream before it is ended.")
+@click.option("--chat-rate-per-s", type=click.FloatRange(min=0), default=None, envvar="ZRPC_CHAT_RATE_PER_S",
+              help="Chat messages per second per user on this shard (0: no limit; default 50).")
+@click.option("--chat-rate-burst", type=click.IntRange(min=1), default=None, envvar="ZRPC_CHAT_RATE_BURST",
+              help="Chat messages a user may send at once (default 100).")
+@click.option("--app", "app_ref", default=DEFAULT_APP, show_default=True, envvar="ZRPC_APP",
               help="module:function building what this worker serves (given the Worker).")
 @click.option("--log-level", type=LOG_LEVELS, default="INFO", show_default=True, envvar="ZRPC_LOG_LEVEL")
-def main(shard: int, shards: int, brokers: tuple[str, ...], bus: str | None, data_dir: str,
-         heartbeat_ms: int, liveness: int, app_ref: str, log_level: str) -> None:
+@click.pass_context
+def main(ctx: click.Context, config_json: str | None, shard: int | None, shards: int | None,
+         brokers: tuple[str, ...], bus: str | None, data_dir: str | None, heartbeat_ms: int,
+         liveness: int, max_message_size: int, stream_window: int, max_buffered_messages: int,
+         chat_rate_per_s: float | None, chat_rate_burst: int | None, app_ref: str,
+         log_level: str) -> None:
     """Serve shard SHARD of SHARDS for the brokers at BROKER.
 
     Registers with each broker (READY), heartbeats, runs the chat service for
     the rooms whose stable hash falls on this shard, and publishes room events
     on its bus. SIGTERM/SIGINT stop it cleanly (streams ended, history flushed).
+    A broker that refuses this worker for a setting that must agree (shard
+    count, heartbeat, message size) makes it exit with status 78 and the reason.
     """
-    setup_logging(log_level, f"worker-{shard}")
+    config = _config(ctx, config_json, shard, shards, brokers, bus, data_dir, heartbeat_ms, liveness,
+                     max_message_size, stream_window, max_buffered_messages, chat_rate_per_s,
+                     chat_rate_burst, app_ref, log_level)
+    setup_logging(config.log_level, f"worker-{config.shard}")
+    Path(config.data_dir).mkdir(parents=True, exist_ok=True)
     try:
-        config = WorkerConfig(shard=shard, shards=shards, brokers=brokers,
-                              bus=bus or _default_bus(brokers[0], shard), data_dir=data_dir,
-                              heartbeat_ms=heartbeat_ms, liveness=liveness)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    Path(data_dir).mkdir(parents=True, exist_ok=True)
-    try:
-        factory = load_app(app_ref)
+        factory = load_app(config.app)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise click.UsageError(f"--app {app_ref}: {exc}") from None
+        raise click.UsageError(f"--app {config.app}: {exc}") from None
 
-    async def run() -> None:
+    async def run() -> str | None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await Worker(config, factory).run(stop)
+        worker = Worker(config, factory)
+        await worker.run(stop)
+        return worker.fatal
 
     tune_gc(young_threshold=20_000)
-    run_async(run())
+    fatal = run_async(run())
+    if fatal is not None:
+        click.echo(f"zrpc-worker: {fatal}", err=True)
+        sys.exit(EX_CONFIG)
+
+
+def _config(ctx: click.Context, config_json: str | None, shard: int | None, shards: int | None,
+            brokers: tuple[str, ...], bus: str | None, data_dir: str | None, heartbeat_ms: int,
+            liveness: int, max_message_size: int, stream_window: int, max_buffered_messages: int,
+            chat_rate_per_s: float | None, chat_rate_burst: int | None, app_ref: str,
+            log_level: str) -> WorkerConfig:
+    """The one WorkerConfig, from --config or from the other options."""
+    try:
+        if config_json is not None:
+            given = [p.name for p in main.params if p.name not in ("config_json", "shard")
+                     and ctx.get_parameter_source(p.name) is click.core.ParameterSource.COMMANDLINE]
+            if given:
+                raise click.UsageError(f"--config cannot be combined with --{given[0].replace('_', '-')}")
+            config = WorkerConfig.from_json(config_json)
+            if shard is not None and shard != config.shard:  # --shard labels the process for ps
+                raise click.UsageError(f"--shard {shard} disagrees with the config's shard {config.shard}")
+            return config
+        for name, value in (("--shard", shard), ("--shards", shards), ("--data-dir", data_dir)):
+            if value is None:
+                raise click.UsageError(f"Missing option '{name}'.")
+        if not brokers:
+            raise click.UsageError("Missing option '--broker'.")
+        assert shard is not None and shards is not None and data_dir is not None
+        options: dict[str, float | int] = {}
+        if chat_rate_per_s is not None:
+            options["rate_per_s"] = chat_rate_per_s
+        if chat_rate_burst is not None:
+            options["rate_burst"] = chat_rate_burst
+        return WorkerConfig(shard=shard, shards=shards, brokers=brokers,
+                            bus=bus or _default_bus(brokers[0], shard), data_dir=data_dir,
+                            heartbeat_ms=heartbeat_ms, liveness=liveness, app=app_ref,
+                            log_level=log_level, max_message_size=max_message_size,
+                            stream_window=stream_window, max_buffered_messages=max_buffered_messages,
+                            app_options=options)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 if __name__ == "__main__":

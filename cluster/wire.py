@@ -19,7 +19,8 @@ broker -> worker
   X      cid                   the client connection ``cid`` is gone: cancel its calls
   G      [msgpack]             repair request: [topic, after_seq, upto_seq | None]
   C      frames                frames for the worker's own client connection
-  NO     [msgpack reason]      registration refused / unknown worker: re-register or exit
+  NO     [msgpack refusal]     registration refused / unknown worker: {"reason": str, "fatal": bool};
+                               fatal: a misconfiguration that cannot heal, the worker exits
 
 bus (PUB -> SUB):  [topic + b"\\0", seq (u64 big-endian), payload]
 """
@@ -28,6 +29,8 @@ from __future__ import annotations
 
 import struct
 from typing import Any, Final
+
+import msgpack
 
 __all__ = [
     "ATTACH",
@@ -42,6 +45,8 @@ __all__ = [
     "REFUSED",
     "REPAIR",
     "SEQ",
+    "refusal",
+    "refused",
     "topic_frame",
     "trust_principal",
 ]
@@ -72,3 +77,19 @@ def trust_principal(hello: dict[str, Any], peer: Any) -> tuple[str | None, dict[
     claims = hello.get("claims")
     return (principal if isinstance(principal, str) else None,
             claims if isinstance(claims, dict) else {})
+
+
+def refused(reason: str, *, fatal: bool) -> bytes:
+    """The body of NO: why, and whether the worker should give up (exit) rather than retry."""
+    return msgpack.packb({"reason": reason, "fatal": fatal})
+
+
+def refusal(body: bytes | None) -> tuple[str, bool]:
+    """Parse a NO body (older brokers send a bare reason string); never raises."""
+    try:
+        value = msgpack.unpackb(body) if body is not None else None
+    except Exception:
+        return "unreadable refusal", False
+    if isinstance(value, dict):
+        return str(value.get("reason", "?")), bool(value.get("fatal"))
+    return str(value) if value is not None else "?", False

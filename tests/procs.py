@@ -116,7 +116,8 @@ class BrokerProc(Proc):
 
 
 def start_broker(home: Path, *args: str, app: str | None = "tests.apps.echo:app",
-                 heartbeat_ms: int = 200, name: str = "broker") -> BrokerProc:
+                 heartbeat_ms: int = 200, name: str = "broker",
+                 env: dict[str, str] | None = None) -> BrokerProc:
     home.mkdir(parents=True, exist_ok=True)
     ready = home / f"{name}.ready.json"
     ready.unlink(missing_ok=True)
@@ -124,13 +125,23 @@ def start_broker(home: Path, *args: str, app: str | None = "tests.apps.echo:app"
             "--heartbeat-ms", str(heartbeat_ms), "--data-dir", str(home / "data"), *args]
     if app:
         argv += ["--app", app]
-    p = BrokerProc(argv, env_for(home), home / f"{name}.log", ready_file=ready)
+    p = BrokerProc(argv, {**env_for(home), **(env or {})}, home / f"{name}.log", ready_file=ready)
     return p.start()  # type: ignore[return-value]
 
 
 def start_worker(home: Path, *args: str, name: str = "worker") -> Proc:
     argv = [str(BIN / "zrpc-worker"), *args]
     return Proc(argv, env_for(home), home / f"{name}.log").start()
+
+
+async def connect(broker: BrokerProc, home: Path, **cfg: Any) -> Any:
+    """A zrpc.Client (``ClientConfig(**cfg)``) connected to ``broker``, trusting ``home``'s CA."""
+    import zrpc
+
+    os.environ["ZRPC_HOME"] = str(home)
+    client = zrpc.Client(zrpc.ClientConfig(**cfg))
+    await client.connect(broker.address)
+    return client
 
 
 def children(pid: int) -> list[int]:

@@ -14,7 +14,7 @@ import uvloop
 
 import zrpc
 from cluster.sharding import shard_for
-from procs import BrokerProc, children, start_broker, start_worker, wait_for
+from procs import BrokerProc, children, connect, start_broker, start_worker, wait_for
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(120)]
 
@@ -30,13 +30,6 @@ def broker(tmp_path: Path) -> Iterator[BrokerProc]:
 
 def run(coro: Any) -> Any:
     return uvloop.run(coro)
-
-
-async def connect(b: BrokerProc, home: Path, **cfg: Any) -> zrpc.Client:
-    os.environ["ZRPC_HOME"] = str(home)
-    client = zrpc.Client(zrpc.ClientConfig(**cfg))
-    await client.connect(b.address)
-    return client
 
 
 def keys_by_shard(shards: int = 2) -> dict[int, str]:

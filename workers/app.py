@@ -9,7 +9,6 @@ that publish nothing.
 from __future__ import annotations
 
 import importlib
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,10 +59,7 @@ def chat_app(worker: Worker) -> App:
         return await client.unary(CHAT.methods["Chat/SendMessage"].name, message, ChatResponse)
 
     path = Path(cfg.data_dir) / f"shard-{cfg.shard}.sqlite"
-    limits: dict[str, Any] = {}  # zrpc-broker --chat-rate-per-s/--chat-rate-burst export these
-    if os.environ.get("ZRPC_CHAT_RATE_PER_S"):
-        limits["rate_per_s"] = float(os.environ["ZRPC_CHAT_RATE_PER_S"])
-    if os.environ.get("ZRPC_CHAT_RATE_BURST"):
-        limits["rate_burst"] = int(os.environ["ZRPC_CHAT_RATE_BURST"])
+    # --chat-rate-per-s / --chat-rate-burst of zrpc-broker or zrpc-worker
+    limits = {k: v for k, v in cfg.app_options.items() if k in ("rate_per_s", "rate_burst")}
     return ChatService(ChatConfig(store_path=str(path), **limits), bus=worker.bus,
                        owns=worker.owns, forward=forward)

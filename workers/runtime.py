@@ -18,17 +18,18 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import msgpack
 import zmq
 
 from cluster import wire
+from cluster.config import WorkerConfig
+from cluster.sharding import shard_for
 from cluster.wire import trust_principal
 from cluster.zmqio import SocketReader
 from zrpc.client import Client, ClientSession
-from zrpc.config import ClientConfig, ServerConfig
+from zrpc.config import ClientConfig
 from zrpc.dispatch import Dispatcher, ServerCall, ServerSession
 from zrpc.service import Service
 from zrpc.status import RpcError, Status
@@ -48,26 +49,6 @@ class App(Protocol):
     def drain_activity(self) -> dict[str, int]: ...
 
     async def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    shard: int
-    shards: int
-    brokers: tuple[str, ...]
-    bus: str
-    data_dir: str
-    heartbeat_ms: int = 1000
-    liveness: int = 3
-    reconnect_max_ms: int = 5000
-    server: ServerConfig = field(default_factory=lambda: ServerConfig(
-        connection_window=2**31 - 1, keepalive_interval_ms=None))
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.shard < self.shards:
-            raise ValueError(f"--shard must be in 0..{self.shards - 1}, got {self.shard}")
-        if not self.brokers:
-            raise ValueError("at least one --broker endpoint is required")
 
 
 class ZmqBus:
@@ -172,7 +153,10 @@ class BrokerLink:
             if self.client_session is not None:
                 self.client_session.data_received(msg[1])
         elif cmd == wire.REFUSED:
-            reason = msgpack.unpackb(msg[1]) if len(msg) > 1 else "?"
+            reason, fatal = wire.refusal(msg[1] if len(msg) > 1 else None)
+            if fatal:
+                self.worker.refused_for_good(reason)
+                return True
             log.warning("broker %s refused us: %s; registering again", self.endpoint, reason)
             if self.registered.is_set():
                 self.registered.clear()
@@ -220,6 +204,8 @@ class Worker:
         self.bus = ZmqBus(self.pub)
         self.routes: dict[ServerSession, tuple[BrokerLink, bytes]] = {}
         self.dispatcher = Dispatcher(config.server, bus=self.bus, attach=self._attach)
+        self.fatal: str | None = None  # why a broker refused us for good (the process exits)
+        self._stop: asyncio.Event | None = None
         self.links = [BrokerLink(self, ep) for ep in config.brokers]
         self.app = app_factory(self)
         for svc in self.app.services():
@@ -229,13 +215,13 @@ class Worker:
         cfg = self.config
         return {"version": wire.CLUSTER_VERSION, "shard": cfg.shard, "shards": cfg.shards,
                 "pid": os.getpid(), "methods": self.dispatcher.describe(),
-                "settings": {"version": 1, **cfg.server.settings().announce()}, "bus": cfg.bus}
+                "settings": {"version": 1, **cfg.server.settings().announce()}, "bus": cfg.bus,
+                "agree": cfg.agreement()}
 
     def activity(self) -> dict[str, int]:
         return self.app.drain_activity()
 
     def owns(self, key: str) -> bool:
-        from cluster.sharding import shard_for
         return shard_for(key, self.config.shards) == self.config.shard
 
     def _attach(self, call: ServerCall, topic: str, after_seq: int) -> None:
@@ -253,7 +239,16 @@ class Worker:
                 return await link.client()
         raise RpcError(Status.UNAVAILABLE, "no broker connection")
 
+    def refused_for_good(self, reason: str) -> None:
+        """A broker refused a misconfiguration that cannot heal: stop, and exit with the reason."""
+        if self.fatal is None:
+            self.fatal = reason
+            log.error("broker refused this worker: %s; exiting", reason)
+        if self._stop is not None:
+            self._stop.set()
+
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         self.pub.bind(self.config.bus)
         tasks = [asyncio.create_task(link.run()) for link in self.links]
         log.info("worker shard %d/%d pid %d serving; bus %s; brokers %s", self.config.shard,

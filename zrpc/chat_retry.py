@@ -1,6 +1,6 @@
 """What the chat client layers share: retry policy, idempotency keys, acks.
 
-:class:`Backoff` spaces reconnects and retries; :data:`RETRYABLE` lists the
+:class:`~zrpc.backoff.Backoff` (re-exported) spaces reconnects and retries; :data:`RETRYABLE` lists the
 statuses after which a stream resumes, :data:`SEND_RETRYABLE` those after
 which a keyed send is tried again (the first attempt may have been stored:
 the key makes the retry safe). :func:`new_key` makes idempotency keys.
@@ -9,11 +9,10 @@ the key makes the retry safe). :func:`new_key` makes idempotency keys.
 from __future__ import annotations
 
 import dataclasses
-import random
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
+from zrpc.backoff import Backoff
 from zrpc.chat import ChatResponse, Message, ResponseType
 from zrpc.client import Client
 from zrpc.status import RpcError, Status
@@ -41,29 +40,6 @@ SEND_RETRYABLE = frozenset({Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED})
 Connector = Callable[[], Awaitable[Client]]
 #: ``on_retry(attempt, delay_seconds, error)``: called before each reconnect wait.
 RetryHook = Callable[[int, float, RpcError], None]
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff between reconnect attempts.
-
-    The n-th consecutive failed attempt waits ``min(maximum, initial * multiplier**(n-1))``
-    seconds, spread by +/- ``jitter`` (a fraction). ``max_attempts`` consecutive
-    failures (None: never) make the subscription give up and raise the last error.
-    The count restarts whenever a resumed stream delivers an event.
-    """
-
-    initial: float = 0.05
-    maximum: float = 5.0
-    multiplier: float = 2.0
-    jitter: float = 0.2
-    max_attempts: int | None = None
-
-    def delay(self, attempt: int) -> float:
-        base = min(self.maximum, self.initial * self.multiplier ** max(0, attempt - 1))
-        if self.jitter:
-            base *= 1 + random.uniform(-self.jitter, self.jitter)
-        return max(0.0, base)
 
 
 def alive(client: Client) -> bool:
