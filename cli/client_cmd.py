@@ -540,14 +540,20 @@ def who(room: str) -> None:
 @main.command()
 @room_option
 @user_option
-def chat(room: str, user: str) -> None:
+@click.option("--no-reconnect", is_flag=True, help="Exit on a lost connection instead of resuming.")
+def chat(room: str, user: str, no_reconnect: bool) -> None:
     """Chat in a room on one bidirectional stream.
 
-    On a terminal (with prompt_toolkit installed): type messages, /who lists
-    the users, /quit or Ctrl-D leaves; incoming messages never garble the
-    input line. Without a terminal: every line of stdin is sent as a
-    message and the room's events are printed; at end of input the stream
-    is closed and the command exits.
+    On joining it shows who is in the room. On a terminal (with
+    prompt_toolkit installed): type messages, /who lists the users, /quit or
+    Ctrl-D leaves; incoming messages never garble the input line. Without a
+    terminal: every line of stdin is sent as a message and the room's events
+    are printed; at end of input the stream is closed and the command exits
+    (with the exit code of the last refused line, if any). A refused line
+    (too long, ...) prints an error and the session carries on. A lost
+    connection (a restarted server) is re-established: the session joins
+    again as the same user, shows what was missed since the last message
+    printed, and resends unacknowledged lines without duplicating them.
     """
     interactive = _isatty(sys.stdin) and _isatty(sys.stdout)
     if interactive:
@@ -556,16 +562,31 @@ def chat(room: str, user: str) -> None:
         except ImportError:
             interactive = False
 
-    async def work(s: Settings) -> None:
+    async def work(s: Settings) -> int | None:
         client = await s.chat()
+        outage: list[RpcError] = []
+
+        def retrying(attempt: int, delay: float, exc: RpcError) -> None:
+            if not outage:  # one status line per outage, not one per attempt
+                s.out.info(f"connection lost ({exc}); reconnecting as {user}...")
+            outage.append(exc)
+
+        def resumed(session: ChatSession) -> None:
+            outage.clear()
+            s.out.info(f"reconnected to {room}; resumed after #{session.last_id}")
+
         async with client:
-            session = client.join(room, user)
+            session = client.join(room, user, reconnect=not no_reconnect, on_retry=retrying,
+                                  on_resume=resumed)
             await session.open()
             try:
+                here = ", ".join(u.name + (" (you)" if u.name == user else "")
+                                 for u in await client.who(room))
                 if interactive:
-                    await _chat_interactive(s, client, session, room)
-                else:
-                    await _chat_piped(s, client, session, room)
+                    await _chat_interactive(s, client, session, room, here)
+                    return None
+                s.out.info(f"joined {room} as {user}; here now: {here or 'nobody'}")
+                return await _chat_piped(s, client, session, room)
             finally:
                 await session.close()
 
@@ -611,12 +632,22 @@ async def _print_events(session: ChatSession, out: Output, seen: _Seen,
 
 
 async def _chat_line(s: Settings, client: ChatClient, session: ChatSession, room: str,
-                     text: str) -> tuple[bool, int]:
-    """One input line: a /command or a message. Returns (keep going, id of a sent message or 0)."""
+                     text: str) -> tuple[bool, int, RpcError | None]:
+    """One input line: a /command or a message.
+
+    Returns (keep going, id of a sent message or 0, the refusal if the
+    server refused it). A refused line does not end the session.
+    """
     if text.startswith("/") and not text.startswith("//"):
-        return await _chat_command(s, client, room, text), 0
-    stored = await session.send(text[1:] if text.startswith("//") else text)
-    return True, stored.id
+        return await _chat_command(s, client, room, text), 0, None
+    try:
+        stored = await session.send(text[1:] if text.startswith("//") else text)
+    except RpcError as exc:
+        if session.closed:
+            raise
+        Output.error(exc)
+        return True, 0, exc
+    return True, stored.id, None
 
 
 async def _stop_printer(printer: asyncio.Task[Any]) -> None:
@@ -638,11 +669,14 @@ async def _chat_command(s: Settings, client: ChatClient, room: str, text: str) -
     return True
 
 
-async def _chat_piped(s: Settings, client: ChatClient, session: ChatSession, room: str) -> None:
+async def _chat_piped(s: Settings, client: ChatClient, session: ChatSession,
+                      room: str) -> int | None:
+    """Send stdin line by line; returns the exit code of the last refused line (or None)."""
     seen = _Seen()
     printer = asyncio.get_running_loop().create_task(_print_events(session, s.out, seen))
     reader = LineReader(_stdin())
     last_sent = 0
+    refused: RpcError | None = None
     try:
         while True:
             read = asyncio.ensure_future(reader.readline())
@@ -656,8 +690,9 @@ async def _chat_piped(s: Settings, client: ChatClient, session: ChatSession, roo
             text = line.rstrip("\r\n")
             if not text.strip():
                 continue
-            going, sent = await _chat_line(s, client, session, room, text)
+            going, sent, refusal = await _chat_line(s, client, session, room, text)
             last_sent = sent or last_sent
+            refused = refusal or refused
             if not going:
                 break
         if last_sent and not printer.done():
@@ -666,10 +701,11 @@ async def _chat_piped(s: Settings, client: ChatClient, session: ChatSession, roo
         await printer
     finally:
         await _stop_printer(printer)
+    return None if refused is None else exit_code(refused.status)
 
 
 async def _chat_interactive(s: Settings, client: ChatClient, session: ChatSession,
-                            room: str) -> None:
+                            room: str, here: str) -> None:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.patch_stdout import patch_stdout
 
@@ -686,8 +722,8 @@ async def _chat_interactive(s: Settings, client: ChatClient, session: ChatSessio
     with patch_stdout(raw=True):
         out = Output(json_mode=s.out.json_mode, color=s.out.color, stream=sys.stdout)
         s = replace(s, out=out)
-        out.info(out.style(f"joined {room} as {session.user}; /who lists users, /quit leaves",
-                           dim=True))
+        out.info(out.style(f"joined {room} as {session.user}; here now: {here or 'nobody'}; "
+                           "/who lists users, /quit leaves", dim=True))
         printer = asyncio.get_running_loop().create_task(
             _print_events(session, out, seen, on_end=stream_ended))
         try:
@@ -699,7 +735,7 @@ async def _chat_interactive(s: Settings, client: ChatClient, session: ChatSessio
                 text = text.strip()
                 if not text:
                     continue
-                going, _ = await _chat_line(s, client, session, room, text)
+                going, _, _ = await _chat_line(s, client, session, room, text)
                 if not going:
                     break
             await session.close()

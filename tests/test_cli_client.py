@@ -583,10 +583,44 @@ def test_chat_without_terminal_sends_lines_and_prints_events(server: ServerThrea
     assert [e["message"]["content"] for e in replay] == ["hello", "/slash", "world", "hi there"]
 
 
-def test_chat_invalid_message_is_reported(server: ServerThread, home: pathlib.Path) -> None:
-    result = cli(home, server.address, "chat", "-r", "pipe", "-u", "carl",
-                 input="x" * 20000 + "\n", expect=2)
-    assert result.stderr.startswith("error: INVALID_ARGUMENT: content is 20000 bytes long")
+def test_chat_refused_line_is_reported_and_the_session_goes_on(server: ServerThread,
+                                                               home: pathlib.Path) -> None:
+    result = cli(home, server.address, "chat", "-r", "refuse", "-u", "carl",
+                 input="before\n" + "x" * 20000 + "\nafter\n", expect=2)
+    assert "error: INVALID_ARGUMENT: content is 20000 bytes long" in result.stderr
+    said = [line.split(" ", 2)[2] for line in result.stdout.splitlines() if " #" in line]
+    assert said == ["carl: before", "carl: after"]  # the line after the refused one was sent
+
+
+def test_chat_shows_who_is_already_in_the_room(server: ServerThread, home: pathlib.Path,
+                                               background: Background) -> None:
+    joined = threading.Event()
+    leave = asyncio.Event()
+
+    async def stay() -> None:
+        async with await chat_client(server) as chat, chat.join("here", "olga"):
+            joined.set()
+            await leave.wait()
+
+    staying = background.submit(stay())
+    try:
+        assert joined.wait(T), "olga did not join"
+        result = cli(home, server.address, "chat", "-r", "here", "-u", "carl", input="")
+        assert "joined here as carl; here now: olga, carl (you)" in result.stderr
+    finally:
+        background.loop.call_soon_threadsafe(leave.set)
+        staying.result(T)
+
+
+def test_call_with_an_idempotency_key_twice_prints_the_same_id(server: ServerThread,
+                                                              home: pathlib.Path) -> None:
+    request = '{"room": "idem", "user": "ann", "content": "once", "idempotency_key": "k1"}'
+    first = json_lines(cli(home, server.address, "call", "Chat/SendMessage", request).stdout)
+    again = json_lines(cli(home, server.address, "call", "Chat/SendMessage", request).stdout)
+    assert first == again and first[0]["message"]["id"] == 1
+    other = request.replace("k1", "k2")
+    assert json_lines(cli(home, server.address, "call", "Chat/SendMessage",
+                          other).stdout)[0]["message"]["id"] == 2
 
 
 @pytest.mark.skipif(shutil.which("zrpc", path=os.path.dirname(sys.executable)) is None,
