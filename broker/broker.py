@@ -365,7 +365,9 @@ class Broker:
         log.warning("%s; failing its streams with UNAVAILABLE", why)
         self.metrics.worker_deaths.inc()
         for s in list(self.sessions.values()):
-            s.worker_lost(w.identity, why + "; retry")
+            # the call may have completed before the worker died: "maybe done" (docs/chat.md)
+            s.worker_lost(w.identity, why + "; the call may have completed: retry it only if "
+                          "it is idempotent (chat sends: with the same idempotency_key)")
         internal = self.internal.pop(w.identity, None)
         if internal is not None:
             internal.connection_lost(None)
