@@ -2,9 +2,10 @@
 
 One listener on the broker's event loop (the ``websockets`` package) serves
 
-* the chat page and its scripts (``web/``: ``/``, ``/chat.js``, ``/chat.css``,
-  ``/zrpc.js``) and the MessagePack ES module from
-  ``web/node_modules/@msgpack/msgpack/dist.esm/`` under ``/vendor/msgpack/``;
+* the chat page and its scripts (``/``, ``/chat.js``, ``/chat.css``,
+  ``/zrpc.js`` and the bundled MessagePack module ``/vendor/msgpack.mjs``),
+  read with :mod:`importlib.resources` from the ``zrpc`` package's ``web/``
+  data directory, so an installed wheel serves the page with no npm;
 * ``/zrpc``: a WebSocket endpoint where every connection is one zrpc
   connection (docs/protocol.md section 1.1). The binary messages carry the
   zrpc byte stream; it is fed to an :class:`~broker.edge.EdgeSession` through
@@ -22,17 +23,15 @@ bytes (close code 1009 past it); text messages are a protocol error.
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import contextlib
-import hashlib
 import http
+import importlib.resources
 import logging
-import mimetypes
 import os
-import re
 import ssl
 from collections.abc import Callable, Iterable
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +47,7 @@ if TYPE_CHECKING:
     from broker.edge import EdgeProtocol
     from zrpc.config import ServerConfig
 
-__all__ = ["WEB_ROOT", "WebServer", "web_root"]
+__all__ = ["PAGES", "WebServer", "web_root"]
 
 log = logging.getLogger("zrpc.broker.web")
 #: The websockets library's own log (a line per HTTP request and connection at INFO): warnings only.
@@ -58,24 +57,18 @@ if ws_log.level == logging.NOTSET:
 
 #: The WebSocket endpoint's path.
 ZRPC_PATH = "/zrpc"
-#: Files of ``web/`` served at the top level (nothing else there is served).
+#: The served files: URL path -> file under the web root (nothing else there is served).
 PAGES = {"/": "index.html", "/index.html": "index.html", "/chat.js": "chat.js",
-         "/chat.css": "chat.css", "/zrpc.js": "zrpc.js"}
-VENDOR_PREFIX = "/vendor/msgpack/"
-MSGPACK_ESM = Path("node_modules", "@msgpack", "msgpack", "dist.esm")
+         "/chat.css": "chat.css", "/zrpc.js": "zrpc.js", "/vendor/msgpack.mjs": "vendor/msgpack.mjs"}
 TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
          ".mjs": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
-MAX_STATIC_BYTES = 4 * 1024 * 1024
 CLOSE_UNSUPPORTED_DATA = 1003
 
 
-def web_root() -> Path:
-    """``$ZRPC_WEB_ROOT``, else the ``web/`` directory next to the ``broker`` package."""
+def web_root() -> Traversable:
+    """``$ZRPC_WEB_ROOT`` if set (a directory), else the ``zrpc`` package's ``web/`` data."""
     explicit = os.environ.get("ZRPC_WEB_ROOT")
-    return Path(explicit) if explicit else Path(__file__).resolve().parent.parent / "web"
-
-
-WEB_ROOT = web_root()
+    return Path(explicit) if explicit else importlib.resources.files("zrpc") / "web"
 
 
 def _norm_origin(origin: str) -> str:
@@ -157,7 +150,7 @@ class WebServer:
 
     def __init__(self, protocol: Callable[[], EdgeProtocol], server_config: ServerConfig,
                  tls_context: ssl.SSLContext | None, host: str, port: int,
-                 origins: Iterable[str] = (), root: Path | None = None) -> None:
+                 origins: Iterable[str] = (), root: Traversable | None = None) -> None:
         self.protocol = protocol        # a new edge connection of the broker
         self.server_config = server_config
         self.ssl = tls_context
@@ -172,9 +165,12 @@ class WebServer:
         cfg = server_config
         self.max_ws_message = max(cfg.max_message_size, CONTROL_FRAME_LIMIT) + HEADER_SIZE
         self._csp = self._content_security_policy()
-        if not (self.root / MSGPACK_ESM / "index.mjs").is_file():
-            log.warning("%s is missing: the chat page cannot load; run `npm ci --prefix web`",
-                        self.root / MSGPACK_ESM / "index.mjs")
+        self._files: dict[str, bytes] = {}
+        for name in sorted(set(PAGES.values())):
+            try:
+                self._files[name] = self.root.joinpath(name).read_bytes()
+            except OSError as exc:
+                log.warning("web page file %s is missing (%s): it will answer 404", name, exc)
 
     @staticmethod
     def context_for(tls_context: ssl.SSLContext | None, tls: Any) -> ssl.SSLContext | None:
@@ -237,20 +233,11 @@ class WebServer:
         return len(hosts) == 1 and o == _norm_origin(f"{self.scheme}://{hosts[0]}")
 
     def _static(self, path: str) -> Response:
-        file: Path | None = None
-        if path in PAGES:
-            file = self.root / PAGES[path]
-        elif path.startswith(VENDOR_PREFIX):
-            rel = path[len(VENDOR_PREFIX):]
-            base = (self.root / MSGPACK_ESM).resolve()
-            if re.fullmatch(r"[A-Za-z0-9_]+(/[A-Za-z0-9_]+)*\.mjs", rel):
-                candidate = (base / rel).resolve()
-                if candidate.is_relative_to(base):
-                    file = candidate
-        if file is None or not file.is_file() or file.stat().st_size > MAX_STATIC_BYTES:
+        name = PAGES.get(path)
+        body = self._files.get(name) if name is not None else None
+        if name is None or body is None:
             return self._response(http.HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")
-        body = file.read_bytes()
-        ctype = TYPES.get(file.suffix) or mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+        ctype = TYPES.get(os.path.splitext(name)[1]) or "application/octet-stream"
         return self._response(http.HTTPStatus.OK, body, ctype)
 
     def _response(self, status: http.HTTPStatus, body: bytes, ctype: str) -> Response:
@@ -266,14 +253,8 @@ class WebServer:
         return Response(status.value, status.phrase, headers, body)
 
     def _content_security_policy(self) -> str:
-        """Only this origin's scripts, plus the page's inline import map (by its hash)."""
-        hashes = []
-        index = self.root / "index.html"
-        if index.is_file():
-            for script in re.findall(r'<script type="importmap">(.*?)</script>', index.read_text(), re.S):
-                digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
-                hashes.append(f"'sha256-{digest}'")
-        return ("default-src 'none'; script-src 'self' " + " ".join(hashes) + "; style-src 'self'; "
+        """Only this origin's scripts and styles."""
+        return ("default-src 'none'; script-src 'self'; style-src 'self'; "
                 "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
                 "frame-ancestors 'none'")
 

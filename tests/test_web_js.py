@@ -1,8 +1,8 @@
-"""The JavaScript client (web/zrpc.js): its Node unit tests, and the same client against a real broker.
+"""The JavaScript client (zrpc/web/zrpc.js): its Node unit tests, and the same client against a real broker.
 
-``node --test web/test/`` runs the unit tests (the protocol doc's worked example byte for byte,
+``node --test zrpc/web/test/`` runs the unit tests (the protocol doc's worked example byte for byte,
 frames, flow control, the four call patterns against a scripted server). The second test starts
-a broker with the echo app and ``--web-port 0`` and runs ``web/test/live.test.js`` over both
+a broker with the echo app and ``--web-port 0`` and runs ``zrpc/web/test/live.test.js`` over both
 transports: TLS to the main listener and a WebSocket to the web listener.
 """
 
@@ -18,7 +18,7 @@ import pytest
 
 from procs import ROOT, BrokerProc, env_for, start_broker
 
-WEB = ROOT / "web"
+WEB = ROOT / "zrpc" / "web"
 NODE = shutil.which("node")
 
 
@@ -28,8 +28,6 @@ def node_or_fail() -> str:
     version = subprocess.run([NODE, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
     if int(version.lstrip("v").split(".")[0] or 0) < 20:
         pytest.fail(f"Node.js >= 20 is required for the web client tests, found {version}")
-    if not (WEB / "node_modules" / "@msgpack" / "msgpack" / "package.json").is_file():
-        pytest.fail("web/node_modules is missing: run `npm ci --prefix web` (scripts/test does)")
     return NODE
 
 
@@ -46,8 +44,8 @@ def run_node(args: list[str], env: dict[str, str] | None = None) -> subprocess.C
 
 
 def test_node_unit_tests() -> None:
-    p = run_node(["web/test/"])
-    assert p.returncode == 0, f"node --test web/test/ failed:\n{p.stdout[-8000:]}\n{p.stderr[-4000:]}"
+    p = run_node(["zrpc/web/test/"])
+    assert p.returncode == 0, f"node --test zrpc/web/test/ failed:\n{p.stdout[-8000:]}\n{p.stderr[-4000:]}"
     assert "# fail 0" in p.stdout and "# pass " in p.stdout
 
 
@@ -69,7 +67,7 @@ def test_js_client_against_a_real_broker(echo_broker: BrokerProc, tmp_path: Path
     env.update(ZRPC_TEST_TLS=echo_broker.address, ZRPC_TEST_WS=f"wss://localhost:{web_port}/zrpc",
                ZRPC_TEST_CA=str(ca), NODE_EXTRA_CA_CERTS=str(ca))
     env.pop("NODE_OPTIONS", None)
-    p = run_node(["web/test/live.test.js"], env)
+    p = run_node(["zrpc/web/test/live.test.js"], env)
     out = p.stdout
     assert p.returncode == 0, f"live JS tests failed:\n{out[-8000:]}\n{p.stderr[-4000:]}\n{echo_broker.output()[-4000:]}"
     assert "# skipped 0" in out and "# pass 6" in out, out[-2000:]

@@ -2,11 +2,11 @@
 
 import { readFileSync } from "node:fs";
 
-import { decode, encode } from "@msgpack/msgpack";
+import { decode, encode } from "../vendor/msgpack.mjs";
 
 import { FrameDecoder, FrameType, encodeFrame, memoryTransportPair } from "../zrpc.js";
 
-const DOC = new URL("../../docs/protocol.md", import.meta.url);
+const DOC = new URL("../../../docs/protocol.md", import.meta.url);
 
 /** The frames of docs/protocol.md's ```zrpc-hex block: [{dir, name, bytes}]. */
 export function docExample() {

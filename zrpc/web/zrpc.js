@@ -12,10 +12,11 @@
 //
 // webSocketTransport(url) carries the byte stream in binary WebSocket messages
 // (docs/protocol.md section 1.1, the broker's --web-port); node-transport.js
-// has a TLS transport for Node. Messages are MessagePack (@msgpack/msgpack):
-// in a browser an import map resolves "@msgpack/msgpack" (see index.html).
+// has a TLS transport for Node. Messages are MessagePack (@msgpack/msgpack,
+// bundled as ./vendor/msgpack.mjs by scripts/build_web_vendor.py from the
+// version package-lock.json pins), so the same file runs in browsers and Node.
 
-import { decode as mpDecode, encode as mpEncode } from "@msgpack/msgpack";
+import { decode as mpDecode, encode as mpEncode } from "./vendor/msgpack.mjs";
 
 export const PROTOCOL_VERSION = 1;
 export const HEADER_SIZE = 10;

@@ -1,9 +1,9 @@
-// Frames and the sans-IO Connection against docs/protocol.md (run: node --test web/test/).
+// Frames and the sans-IO Connection against docs/protocol.md (run: node --test zrpc/web/test/).
 
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { decode, encode } from "@msgpack/msgpack";
+import { decode, encode } from "../vendor/msgpack.mjs";
 
 import {
   CONTROL_FRAME_LIMIT, Connection, Flag, FlowControlBlocked, FrameDecoder, FrameType, HEADER_SIZE,

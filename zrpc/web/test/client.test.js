@@ -1,10 +1,10 @@
-// The Client (calls over a transport) against a scripted server end (run: node --test web/test/).
+// The Client (calls over a transport) against a scripted server end (run: node --test zrpc/web/test/).
 
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { deflateSync } from "node:zlib";
 
-import { decode, encode } from "@msgpack/msgpack";
+import { decode, encode } from "../vendor/msgpack.mjs";
 
 import { Client, Flag, FrameType, Status, ZrpcError } from "../zrpc.js";
 import { FakeServer, concat, docExample, hex, tick, windows } from "./fake-server.js";
