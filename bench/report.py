@@ -132,6 +132,11 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         row("7", "durable_chat", ">= 10,000 acked durable sends/s (broker, 2 workers, c64)", "sends/s",
             z, None, say, _ratio(z, say), None if z is None else z >= 10_000,
             "ceiling: Echo/Say through the same broker at c64 (no storage)")
+        pg = _tp(find(results, "durable_chat", "zrpc-broker-pg"))
+        r = _ratio(pg, z)
+        row("7b", "durable_chat", ">= 50% of the SQLite acked sends/s through PostgreSQL", "sends/s",
+            pg, z, None, r, None if r is None else r >= 0.5,
+            "peer: the SQLite store (default); PostgreSQL on this machine, fsync on, server CPU not counted")
     return rows
 
 

@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,12 +318,38 @@ def s_idle(ctx: Context) -> list[dict[str, Any]]:
     return cases
 
 
+@contextlib.contextmanager
+def _postgres() -> Iterator[str]:
+    """A PostgreSQL server for the bench (fsync on, as in production); its database URL."""
+    from tests.pgserver import PostgresServer, find_bindir, missing_reason
+
+    why = missing_reason()
+    bindir = find_bindir()
+    if why is not None or bindir is None:
+        raise BenchError(f"PostgreSQL store case: {why}")
+    server = PostgresServer(bindir, fsync=True)
+    try:
+        server.start()
+        yield server.new_database()
+    finally:
+        server.stop()
+
+
 def s_durable_chat(ctx: Context) -> list[dict[str, Any]]:
+    """Acked sends through the SQLite store (default), then the same through PostgreSQL."""
+    spec = {"kind": "unary", "target": "zrpc", "concurrency": 64, "method": "Chat/SendMessage",
+            "rooms": 64}
+    cases = []
     with ctx.procs.server("zrpc-broker", app=None, workers=2) as srv:
-        r = ctx.measure(srv, {"kind": "unary", "target": "zrpc", "concurrency": 64,
-                              "method": "Chat/SendMessage", "rooms": 64},
-                        "chat zrpc-broker c64", "chat-zrpc-broker-c64")
-        return [case("zrpc-broker", "Chat/SendMessage c64, 64 rooms", r, concurrency=64)]
+        r = ctx.measure(srv, spec, "chat zrpc-broker c64", "chat-zrpc-broker-c64")
+        cases.append(case("zrpc-broker", "Chat/SendMessage c64, 64 rooms", r, concurrency=64,
+                          store="sqlite"))
+    with _postgres() as url, \
+            ctx.procs.server("zrpc-broker", app=None, workers=2, extra=("--store", url)) as srv:
+        r = ctx.measure(srv, spec, "chat zrpc-broker pg c64", "chat-zrpc-broker-pg-c64")
+        cases.append(case("zrpc-broker-pg", "SendMessage c64, PostgreSQL store", r, concurrency=64,
+                          store="postgresql"))
+    return cases
 
 
 RUNNERS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {

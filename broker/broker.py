@@ -78,6 +78,7 @@ class BrokerConfig:
     log_level: str = "INFO"
     app: str = DEFAULT_APP                    # module:function the spawned workers serve
     app_options: dict[str, Any] = field(default_factory=dict)  # passed to the app (chat rate limits)
+    store: str = ""                           # history store URL for the workers ("" = data_dir)
 
     def worker_config(self, shard: int, router: str, runtime_dir: str, data_dir: str) -> WorkerConfig:
         """What a worker this broker spawns for ``shard`` is given (``zrpc-worker --config``)."""
@@ -88,7 +89,7 @@ class BrokerConfig:
                             log_level=self.log_level, max_message_size=srv.max_message_size,
                             stream_window=srv.stream_config.buffer_size,
                             max_buffered_messages=srv.stream_config.max_buffered_messages,
-                            app_options=dict(self.app_options))
+                            app_options=dict(self.app_options), store=self.store)
 
     @property
     def shard_count(self) -> int:

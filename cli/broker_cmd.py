@@ -14,7 +14,15 @@ from dataclasses import replace
 import click
 
 from broker.broker import Broker, BrokerConfig, StartupError
-from cli.common import LOG_LEVELS, AddressParam, run_async, setup_logging, tls_from_options, tune_gc
+from cli.common import (
+    LOG_LEVELS,
+    AddressParam,
+    check_store_url,
+    run_async,
+    setup_logging,
+    tls_from_options,
+    tune_gc,
+)
 from cluster.config import DEFAULT_APP
 from zrpc.auth import JwtAuthenticator
 from zrpc.config import ServerConfig, StreamConfig
@@ -59,6 +67,9 @@ def _authenticator(secret: str | None, public_key_file: str | None, audience: st
               help="Number of shards (default: --workers; required with --workers 0).")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, envvar="ZRPC_DATA_DIR",
               help="Where workers keep history (default: $ZRPC_HOME/data).")
+@click.option("--store", default=None, envvar="ZRPC_STORE",
+              help="History store URL for the workers: postgresql://user@host:port/db, or "
+                   "sqlite:///path/shard-{shard}.sqlite (default: DATA_DIR/shard-N.sqlite).")
 @click.option("--router", default=None, envvar="ZRPC_ROUTER",
               help="ZeroMQ endpoint workers connect to (default: ipc:// in the runtime dir; "
                    "tcp://0.0.0.0:7000 for workers on other hosts).")
@@ -122,7 +133,8 @@ def _authenticator(secret: str | None, public_key_file: str | None, audience: st
 @click.option("--ready-file", type=click.Path(dir_okay=False), default=None, envvar="ZRPC_READY_FILE",
               help="Write {address, pid, router, web} as JSON here once every shard has a live worker "
                    "(web: HOST:PORT of --web-port, when on).")
-def start(listen: str, workers: int, shards: int | None, data_dir: str | None, router: str | None,
+def start(listen: str, workers: int, shards: int | None, data_dir: str | None, store: str | None,
+          router: str | None,
           runtime_dir: str | None, cert: str | None, key: str | None, ca: str | None,
           require_client_cert: bool, insecure: bool, heartbeat_ms: int, liveness: int,
           max_connections: int, max_connections_per_ip: int, idle_timeout_ms: int,
@@ -146,6 +158,7 @@ def start(listen: str, workers: int, shards: int | None, data_dir: str | None, r
     if workers == 0 and not shards:
         raise click.UsageError("--shards is required with --workers 0")
     tls = tls_from_options(cert, key, ca, insecure, require_client_cert)
+    check_store_url(store, shards=shards or workers)
     try:
         streams = StreamConfig(buffer_size=stream_window, max_buffered_messages=max_buffered_messages)
     except ValueError as exc:
@@ -166,7 +179,8 @@ def start(listen: str, workers: int, shards: int | None, data_dir: str | None, r
                           runtime_dir=runtime_dir, router=router, heartbeat_ms=heartbeat_ms,
                           liveness=liveness, server=server, metrics_port=metrics_port,
                           web_port=web_port, web_origins=tuple(web_origins),
-                          log_level=log_level, app=app_ref or DEFAULT_APP, app_options=app_options)
+                          log_level=log_level, app=app_ref or DEFAULT_APP, app_options=app_options,
+                          store=store or "")
 
     async def run() -> str | None:
         broker = Broker(config)

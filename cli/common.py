@@ -13,7 +13,8 @@ from zrpc.address import AddressError, parse_address
 from zrpc.redact import RedactingFilter
 from zrpc.tls import TlsConfig
 
-__all__ = ["LOG_LEVELS", "AddressParam", "run_async", "setup_logging", "tls_from_options", "tune_gc"]
+__all__ = ["LOG_LEVELS", "AddressParam", "check_store_url", "run_async", "setup_logging",
+           "tls_from_options", "tune_gc"]
 
 T = TypeVar("T")
 LOG_LEVELS = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)
@@ -65,6 +66,24 @@ def tune_gc(young_threshold: int | None = None) -> None:
     if young_threshold is not None:
         _, g1, g2 = gc.get_threshold()
         gc.set_threshold(young_threshold, g1, g2)
+
+
+def check_store_url(url: str | None, *, shards: int = 1) -> None:
+    """``--store``: a usage error for a URL the workers could not open.
+
+    Several shards cannot share one SQLite file: its URL needs ``{shard}``.
+    """
+    if not url:
+        return
+    from workers.chat.store import StoreConfig
+
+    try:
+        config = StoreConfig(url.replace("{shard}", "0"))
+    except ValueError as exc:
+        raise click.UsageError(f"--store {url}: {exc}") from None
+    if config.kind == "sqlite" and shards > 1 and "{shard}" not in url:
+        raise click.UsageError(f"--store {url}: each shard needs its own SQLite file; "
+                               "put {shard} in the path (e.g. sqlite:///var/lib/zrpc/shard-{shard}.sqlite)")
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import LOG_LEVELS, run_async, setup_logging, tune_gc
+from cli.common import LOG_LEVELS, check_store_url, run_async, setup_logging, tune_gc
 from cluster.config import DEFAULT_APP, WorkerConfig
 from workers.app import load_app
 from workers.runtime import Worker
@@ -38,7 +38,11 @@ def _default_bus(broker: str, shard: int) -> str:
 @click.option("--bus", default=None, envvar="ZRPC_BUS",
               help="Endpoint this worker's PUB socket binds for room events (default: next to an ipc:// broker).")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, envvar="ZRPC_DATA_DIR",
-              help="Directory for this shard's SQLite history (shard-N.sqlite).")
+              help="Directory for this shard's SQLite history (shard-N.sqlite); required without --store.")
+@click.option("--store", default=None, envvar="ZRPC_STORE",
+              help="History store URL: sqlite:///path/shard-{shard}.sqlite or "
+                   "postgresql://user@host:port/db ({shard} is replaced by the shard number; "
+                   "default: DATA_DIR/shard-N.sqlite).")
 @click.option("--heartbeat-ms", type=int, default=1000, show_default=True, envvar="ZRPC_HEARTBEAT_MS",
               help="Heartbeat interval; must equal the broker's.")
 @click.option("--liveness", type=int, default=3, show_default=True, envvar="ZRPC_LIVENESS",
@@ -58,10 +62,10 @@ def _default_bus(broker: str, shard: int) -> str:
 @click.option("--log-level", type=LOG_LEVELS, default="INFO", show_default=True, envvar="ZRPC_LOG_LEVEL")
 @click.pass_context
 def main(ctx: click.Context, config_json: str | None, shard: int | None, shards: int | None,
-         brokers: tuple[str, ...], bus: str | None, data_dir: str | None, heartbeat_ms: int,
-         liveness: int, max_message_size: int, stream_window: int, max_buffered_messages: int,
-         chat_rate_per_s: float | None, chat_rate_burst: int | None, app_ref: str,
-         log_level: str) -> None:
+         brokers: tuple[str, ...], bus: str | None, data_dir: str | None, store: str | None,
+         heartbeat_ms: int, liveness: int, max_message_size: int, stream_window: int,
+         max_buffered_messages: int, chat_rate_per_s: float | None, chat_rate_burst: int | None,
+         app_ref: str, log_level: str) -> None:
     """Serve shard SHARD of SHARDS for the brokers at BROKER.
 
     Registers with each broker (READY), heartbeats, runs the chat service for
@@ -70,11 +74,12 @@ def main(ctx: click.Context, config_json: str | None, shard: int | None, shards:
     A broker that refuses this worker for a setting that must agree (shard
     count, heartbeat, message size) makes it exit with status 78 and the reason.
     """
-    config = _config(ctx, config_json, shard, shards, brokers, bus, data_dir, heartbeat_ms, liveness,
-                     max_message_size, stream_window, max_buffered_messages, chat_rate_per_s,
-                     chat_rate_burst, app_ref, log_level)
+    config = _config(ctx, config_json, shard, shards, brokers, bus, data_dir, store, heartbeat_ms,
+                     liveness, max_message_size, stream_window, max_buffered_messages,
+                     chat_rate_per_s, chat_rate_burst, app_ref, log_level)
     setup_logging(config.log_level, f"worker-{config.shard}")
-    Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+    if config.data_dir:
+        Path(config.data_dir).mkdir(parents=True, exist_ok=True)
     try:
         factory = load_app(config.app)
     except (ImportError, AttributeError, ValueError) as exc:
@@ -97,10 +102,10 @@ def main(ctx: click.Context, config_json: str | None, shard: int | None, shards:
 
 
 def _config(ctx: click.Context, config_json: str | None, shard: int | None, shards: int | None,
-            brokers: tuple[str, ...], bus: str | None, data_dir: str | None, heartbeat_ms: int,
-            liveness: int, max_message_size: int, stream_window: int, max_buffered_messages: int,
-            chat_rate_per_s: float | None, chat_rate_burst: int | None, app_ref: str,
-            log_level: str) -> WorkerConfig:
+            brokers: tuple[str, ...], bus: str | None, data_dir: str | None, store: str | None,
+            heartbeat_ms: int, liveness: int, max_message_size: int, stream_window: int,
+            max_buffered_messages: int, chat_rate_per_s: float | None, chat_rate_burst: int | None,
+            app_ref: str, log_level: str) -> WorkerConfig:
     """The one WorkerConfig, from --config or from the other options."""
     try:
         if config_json is not None:
@@ -112,19 +117,23 @@ def _config(ctx: click.Context, config_json: str | None, shard: int | None, shar
             if shard is not None and shard != config.shard:  # --shard labels the process for ps
                 raise click.UsageError(f"--shard {shard} disagrees with the config's shard {config.shard}")
             return config
-        for name, value in (("--shard", shard), ("--shards", shards), ("--data-dir", data_dir)):
+        for name, value in (("--shard", shard), ("--shards", shards)):
             if value is None:
                 raise click.UsageError(f"Missing option '{name}'.")
         if not brokers:
             raise click.UsageError("Missing option '--broker'.")
-        assert shard is not None and shards is not None and data_dir is not None
+        if not data_dir and not store:
+            raise click.UsageError("Missing option '--data-dir' (or --store).")
+        check_store_url(store)
+        assert shard is not None and shards is not None
         options: dict[str, float | int] = {}
         if chat_rate_per_s is not None:
             options["rate_per_s"] = chat_rate_per_s
         if chat_rate_burst is not None:
             options["rate_burst"] = chat_rate_burst
         return WorkerConfig(shard=shard, shards=shards, brokers=brokers,
-                            bus=bus or _default_bus(brokers[0], shard), data_dir=data_dir,
+                            bus=bus or _default_bus(brokers[0], shard), data_dir=data_dir or "",
+                            store=store or "",
                             heartbeat_ms=heartbeat_ms, liveness=liveness, app=app_ref,
                             log_level=log_level, max_message_size=max_message_size,
                             stream_window=stream_window, max_buffered_messages=max_buffered_messages,

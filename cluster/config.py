@@ -34,6 +34,9 @@ class WorkerConfig:
     brokers: tuple[str, ...]
     bus: str
     data_dir: str
+    #: History store URL (``sqlite:///path`` or ``postgresql://...``, ``{shard}`` replaced);
+    #: "" means the SQLite file ``<data_dir>/shard-<k>.sqlite``.
+    store: str = ""
     heartbeat_ms: int = 1000
     liveness: int = 3
     app: str = DEFAULT_APP

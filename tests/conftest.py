@@ -1,12 +1,14 @@
-"""Shared fixtures: an isolated zrpc home and a small echo service."""
+"""Shared fixtures: an isolated zrpc home, a small echo service, a PostgreSQL server."""
 
 from __future__ import annotations
 
+import os
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from pgserver import PostgresServer, find_bindir, missing_reason
 
 import zrpc
 
@@ -53,3 +55,23 @@ def make_echo_service(name: str = "Echo") -> zrpc.Service:
 def echo_service() -> Callable[..., zrpc.Service]:
     """A factory: ``echo_service(name="Echo")`` -> a fresh :class:`zrpc.Service`."""
     return make_echo_service
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session (initdb + pg_ctl in a temp dir), always stopped.
+
+    Skips when the server binaries are missing; fails instead under CI=true.
+    """
+    why = missing_reason()
+    if why is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    bindir = find_bindir()
+    assert bindir is not None
+    server = PostgresServer(bindir)
+    try:
+        yield server.start()
+    finally:
+        server.stop()

@@ -1,4 +1,9 @@
-"""Tests of workers.chat.store: group commit, history reads, retention, durability."""
+"""The store suite: group commit, history reads, retention, durability.
+
+Every test runs against both backends (an embedded SQLite file and a real
+PostgreSQL server started for the session), through the one
+:class:`~workers.chat.store.MessageStore` interface.
+"""
 
 from __future__ import annotations
 
@@ -11,21 +16,124 @@ import sys
 import textwrap
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import psycopg
 import pytest
+from pgserver import PostgresServer
 
-from workers.chat.store import MessageStore, StoreConfig, StoredMessage
+from workers.chat.store import FencedError, MessageStore, StoreConfig, StoredMessage, open_store
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class Backend:
+    """One store backend under test: a fresh store URL plus ways to provoke it."""
+
+    name: str
+    url: str
+    integrity_error: type[Exception]
+
+    def lock_writes(self) -> Any:
+        """Block the writer's next transaction until ``release()`` (so appends queue up)."""
+        raise NotImplementedError
+
+    def refuse_inserts(self) -> None:
+        """Make every insert into the messages table fail with 'refused by trigger'."""
+        raise NotImplementedError
+
+    def allow_inserts(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class SqliteBackend(Backend):
+    name = "sqlite"
+    integrity_error = sqlite3.IntegrityError
+
+    def __init__(self, tmp: Path) -> None:
+        self.path = str(tmp / "nested" / "dir" / "shard.db")
+        self.url = f"sqlite://{self.path}"
+        self._admin: sqlite3.Connection | None = None
+
+    def lock_writes(self) -> Any:
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")  # SQLite's write lock
+
+        class Lock:
+            def release(self) -> None:
+                conn.execute("ROLLBACK")
+                conn.close()
+
+        return Lock()
+
+    def refuse_inserts(self) -> None:
+        self._admin = sqlite3.connect(self.path, isolation_level=None)
+        self._admin.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON messages "
+            "BEGIN SELECT RAISE(ABORT, 'refused by trigger'); END")
+
+    def allow_inserts(self) -> None:
+        assert self._admin is not None
+        self._admin.execute("DROP TRIGGER refuse")
+        self._admin.close()
+
+
+class PostgresBackend(Backend):
+    name = "postgresql"
+    integrity_error = psycopg.errors.UniqueViolation
+
+    def __init__(self, server: PostgresServer) -> None:
+        self.url = server.new_database()
+        self._admin = psycopg.connect(self.url, autocommit=True)
+
+    def lock_writes(self) -> Any:
+        conn = psycopg.connect(self.url, autocommit=True)
+        conn.execute("BEGIN")
+        conn.execute("LOCK TABLE zrpc_messages IN EXCLUSIVE MODE")  # readers pass, inserts wait
+
+        class Lock:
+            def release(self) -> None:
+                conn.execute("COMMIT")
+                conn.close()
+
+        return Lock()
+
+    def refuse_inserts(self) -> None:
+        self._admin.execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'refused by trigger'; END $$")
+        self._admin.execute("CREATE TRIGGER refuse BEFORE INSERT ON zrpc_messages "
+                            "FOR EACH ROW EXECUTE FUNCTION refuse()")
+
+    def allow_inserts(self) -> None:
+        self._admin.execute("DROP TRIGGER refuse ON zrpc_messages")
+
+    def close(self) -> None:
+        self._admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    b: Backend
+    if request.param == "sqlite":
+        b = SqliteBackend(tmp_path)
+    else:
+        b = PostgresBackend(request.getfixturevalue("pg_server"))
+    try:
+        yield b
+    finally:
+        b.close()
 
 
 def run_with_store(config: StoreConfig, body: Callable[[MessageStore], Awaitable[T]]) -> T:
     """Open a store, run ``body`` in a fresh event loop, always close the store."""
 
     async def main() -> T:
-        store = MessageStore(config)
+        store = open_store(config)
         try:
             return await body(store)
         finally:
@@ -40,18 +148,6 @@ def msg(
     return StoredMessage(room, mid, user, f"m{mid}" if content is None else content, ts)
 
 
-class WriteLock:
-    """Hold SQLite's write lock from another connection so that appends queue up."""
-
-    def __init__(self, path: str) -> None:
-        self.conn = sqlite3.connect(path, isolation_level=None)
-        self.conn.execute("BEGIN IMMEDIATE")
-
-    def release(self) -> None:
-        self.conn.execute("ROLLBACK")
-        self.conn.close()
-
-
 async def let_tasks_enqueue() -> None:
     """Let every task created so far run up to its first await (no timed sleep).
 
@@ -62,8 +158,8 @@ async def let_tasks_enqueue() -> None:
         await asyncio.sleep(0)
 
 
-def test_ids_round_trip_in_order(tmp_path: Path) -> None:
-    cfg = StoreConfig(str(tmp_path / "nested" / "dir" / "shard.db"))
+def test_ids_round_trip_in_order(backend: Backend) -> None:
+    cfg = StoreConfig(backend.url)
 
     async def body(store: MessageStore) -> list[StoredMessage]:
         for i in range(1, 51):
@@ -76,11 +172,12 @@ def test_ids_round_trip_in_order(tmp_path: Path) -> None:
     got = run_with_store(cfg, body)
     assert [m.id for m in got] == list(range(1, 51))
     assert got[0] == StoredMessage("a", 1, "u", "m1", 1001)
-    assert (tmp_path / "nested" / "dir" / "shard.db").exists()
+    if isinstance(backend, SqliteBackend):
+        assert Path(backend.path).exists()
 
 
-def test_concurrent_appends_keep_room_order(tmp_path: Path) -> None:
-    cfg = StoreConfig(str(tmp_path / "s.db"), max_batch=7)
+def test_concurrent_appends_keep_room_order(backend: Backend) -> None:
+    cfg = StoreConfig(backend.url, max_batch=7)
 
     async def body(store: MessageStore) -> None:
         await asyncio.gather(*(store.append(msg(f"r{i % 3}", i // 3 + 1)) for i in range(300)))
@@ -92,8 +189,8 @@ def test_concurrent_appends_keep_room_order(tmp_path: Path) -> None:
     run_with_store(cfg, body)
 
 
-def test_restart_continues_last_ids(tmp_path: Path) -> None:
-    path = str(tmp_path / "s.db")
+def test_restart_continues_last_ids(backend: Backend) -> None:
+    path = backend.url
 
     async def first(store: MessageStore) -> None:
         for i in range(1, 31):
@@ -115,11 +212,11 @@ def test_restart_continues_last_ids(tmp_path: Path) -> None:
     run_with_store(StoreConfig(path), third)
 
 
-def test_group_commit_batches_concurrent_appends(tmp_path: Path) -> None:
-    path = str(tmp_path / "s.db")
+def test_group_commit_batches_concurrent_appends(backend: Backend) -> None:
+    path = backend.url
 
     async def body(store: MessageStore) -> None:
-        lock = WriteLock(path)  # the writer blocks on its first transaction
+        lock = backend.lock_writes()  # the writer blocks on its first transaction
         tasks = [asyncio.create_task(store.append(msg("r", i))) for i in range(1, 201)]
         await let_tasks_enqueue()  # the writer holds at most one (blocked) batch meanwhile
         lock.release()
@@ -132,11 +229,11 @@ def test_group_commit_batches_concurrent_appends(tmp_path: Path) -> None:
     run_with_store(StoreConfig(path), body)
 
 
-def test_max_batch_bounds_a_transaction(tmp_path: Path) -> None:
-    path = str(tmp_path / "s.db")
+def test_max_batch_bounds_a_transaction(backend: Backend) -> None:
+    path = backend.url
 
     async def body(store: MessageStore) -> None:
-        lock = WriteLock(path)
+        lock = backend.lock_writes()
         tasks = [asyncio.create_task(store.append(msg("r", i))) for i in range(1, 101)]
         await let_tasks_enqueue()
         lock.release()
@@ -148,7 +245,7 @@ def test_max_batch_bounds_a_transaction(tmp_path: Path) -> None:
     run_with_store(StoreConfig(path, max_batch=10), body)
 
 
-def test_read_filters(tmp_path: Path) -> None:
+def test_read_filters(backend: Backend) -> None:
     async def body(store: MessageStore) -> None:
         for i in range(1, 21):
             await store.append(msg("r", i, ts=i * 100))
@@ -166,10 +263,10 @@ def test_read_filters(tmp_path: Path) -> None:
         with pytest.raises(ValueError):
             store.read("r", limit=-1)
 
-    run_with_store(StoreConfig(str(tmp_path / "s.db")), body)
+    run_with_store(StoreConfig(backend.url), body)
 
 
-def test_retention_by_count_keeps_last_ids(tmp_path: Path) -> None:
+def test_retention_by_count_keeps_last_ids(backend: Backend) -> None:
     async def body(store: MessageStore) -> None:
         for i in range(1, 11):
             await store.append(msg("a", i))
@@ -183,11 +280,11 @@ def test_retention_by_count_keeps_last_ids(tmp_path: Path) -> None:
         await store.append(msg("a", 11))
         assert [m.id for m in store.read("a")] == [8, 9, 10, 11]
 
-    run_with_store(StoreConfig(str(tmp_path / "s.db"), retention_count=3), body)
+    run_with_store(StoreConfig(backend.url, retention_count=3), body)
 
 
-def test_retention_by_age_keeps_last_ids(tmp_path: Path) -> None:
-    path = str(tmp_path / "s.db")
+def test_retention_by_age_keeps_last_ids(backend: Backend) -> None:
+    path = backend.url
 
     async def body(store: MessageStore) -> None:
         for i in range(1, 11):
@@ -209,13 +306,13 @@ def test_retention_by_age_keeps_last_ids(tmp_path: Path) -> None:
     run_with_store(StoreConfig(path), reopened)
 
 
-def test_no_retention_configured_deletes_nothing(tmp_path: Path) -> None:
+def test_no_retention_configured_deletes_nothing(backend: Backend) -> None:
     async def body(store: MessageStore) -> None:
         await store.append(msg("a", 1, ts=0))
         assert store.apply_retention(now_ms=10**12) == 0
         assert len(store.read("a")) == 1
 
-    run_with_store(StoreConfig(str(tmp_path / "s.db")), body)
+    run_with_store(StoreConfig(backend.url), body)
 
 
 WEIRD = [
@@ -229,8 +326,8 @@ WEIRD = [
 ]
 
 
-def test_weird_strings_round_trip(tmp_path: Path) -> None:
-    path = str(tmp_path / "s.db")
+def test_weird_strings_round_trip(backend: Backend) -> None:
+    path = backend.url
 
     async def body(store: MessageStore) -> None:
         for n, text in enumerate(WEIRD, start=1):
@@ -250,66 +347,60 @@ def test_weird_strings_round_trip(tmp_path: Path) -> None:
     run_with_store(StoreConfig(path), reread)
 
 
-def test_unencodable_text_is_rejected_alone(tmp_path: Path) -> None:
+def test_unencodable_text_is_rejected_alone(backend: Backend) -> None:
     async def body(store: MessageStore) -> None:
         with pytest.raises(ValueError):
             await store.append(msg("r", 1, content="lone \ud800 surrogate"))
         await store.append(msg("r", 1))
         assert [m.content for m in store.read("r")] == ["m1"]
 
-    run_with_store(StoreConfig(str(tmp_path / "s.db")), body)
+    run_with_store(StoreConfig(backend.url), body)
 
 
-def test_commit_failure_reaches_every_waiter(tmp_path: Path) -> None:
-    path = str(tmp_path / "s.db")
+def test_commit_failure_reaches_every_waiter(backend: Backend) -> None:
+    path = backend.url
 
     async def body(store: MessageStore) -> None:
         await store.append(msg("r", 1))
         commits_before = store.commits
-        # A real SQLite failure inside the writer's transaction.
-        admin = sqlite3.connect(path, isolation_level=None)
-        admin.execute(
-            "CREATE TRIGGER refuse BEFORE INSERT ON messages "
-            "BEGIN SELECT RAISE(ABORT, 'refused by trigger'); END"
-        )
-        lock = WriteLock(path)
+        backend.refuse_inserts()  # a real failure inside the writer's transaction
+        lock = backend.lock_writes()
         tasks = [asyncio.create_task(store.append(msg("r", i))) for i in range(2, 52)]
         await let_tasks_enqueue()
         lock.release()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         assert len(results) == 50
         for result in results:
-            assert isinstance(result, sqlite3.IntegrityError)
+            assert isinstance(result, Exception) and not isinstance(result, FencedError)
             assert "refused by trigger" in str(result)
         assert store.commits == commits_before
         assert store.last_ids() == {"r": 1}
         assert [m.id for m in store.read("r")] == [1]
 
         # The writer survives the failure and commits again once the cause is gone.
-        admin.execute("DROP TRIGGER refuse")
-        admin.close()
+        backend.allow_inserts()
         await store.append(msg("r", 2))
         assert store.last_ids() == {"r": 2}
 
     run_with_store(StoreConfig(path), body)
 
 
-def test_duplicate_id_fails_the_append(tmp_path: Path) -> None:
+def test_duplicate_id_fails_the_append(backend: Backend) -> None:
     async def body(store: MessageStore) -> None:
         await store.append(msg("r", 1, content="first"))
-        with pytest.raises(sqlite3.IntegrityError):
+        with pytest.raises(backend.integrity_error):
             await store.append(msg("r", 1, content="second"))
         assert [m.content for m in store.read("r")] == ["first"]
 
-    run_with_store(StoreConfig(str(tmp_path / "s.db")), body)
+    run_with_store(StoreConfig(backend.url), body)
 
 
-def test_close_flushes_pending_and_rejects_later_appends(tmp_path: Path) -> None:
-    path = str(tmp_path / "s.db")
+def test_close_flushes_pending_and_rejects_later_appends(backend: Backend) -> None:
+    path = backend.url
 
     async def main() -> None:
-        store = MessageStore(StoreConfig(path))
-        lock = WriteLock(path)
+        store = open_store(StoreConfig(path))
+        lock = backend.lock_writes()
         tasks = [asyncio.create_task(store.append(msg("r", i))) for i in range(1, 101)]
         closing = asyncio.create_task(store.close())
         await let_tasks_enqueue()  # close() enqueues its stop marker behind the rows
@@ -332,20 +423,25 @@ def test_close_flushes_pending_and_rejects_later_appends(tmp_path: Path) -> None
 def test_config_validation(tmp_path: Path) -> None:
     ok = str(tmp_path / "s.db")
     for bad in (
-        dict(path=":memory:"),
-        dict(path=""),
-        dict(path=ok, synchronous="NORMAL; DROP TABLE x"),
-        dict(path=ok, retention_count=-1),
-        dict(path=ok, retention_age_ms=-5),
-        dict(path=ok, max_batch=0),
+        dict(url=":memory:"),
+        dict(url=""),
+        dict(url="sqlite://"),
+        dict(url="mysql://h/db"),
+        dict(url=ok, synchronous="NORMAL; DROP TABLE x"),
+        dict(url=ok, retention_count=-1),
+        dict(url=ok, retention_age_ms=-5),
+        dict(url=ok, max_batch=0),
+        dict(url=ok, fence=(0, 1)),  # fencing needs a shared store
     ):
         with pytest.raises(ValueError):
             StoreConfig(**bad)
     assert StoreConfig(ok, synchronous="full").synchronous == "full"
+    assert StoreConfig(f"sqlite://{ok}").path == ok
+    assert StoreConfig("postgresql://u@h:5/db", fence=(0, 1)).kind == "postgresql"
 
 
 def test_synchronous_full_is_applied(tmp_path: Path) -> None:
-    async def body(store: MessageStore) -> None:
+    async def body(store: Any) -> None:
         await store.append(msg("r", 1))
         # PRAGMA synchronous: 1 = NORMAL, 2 = FULL
         assert store._reader.execute("PRAGMA synchronous").fetchone()[0] == 2
@@ -357,10 +453,10 @@ def test_synchronous_full_is_applied(tmp_path: Path) -> None:
 CHILD = textwrap.dedent(
     """
     import asyncio, sys
-    from workers.chat.store import MessageStore, StoreConfig, StoredMessage
+    from workers.chat.store import StoreConfig, StoredMessage, open_store
 
-    async def main(path):
-        store = MessageStore(StoreConfig(path))
+    async def main(url):
+        store = open_store(StoreConfig(url))
         for i in range(1, 1_000_000):
             await store.append(StoredMessage("room", i, "u", "x" * 100, i))
             sys.stdout.write(f"{i}\\n")
@@ -372,8 +468,8 @@ CHILD = textwrap.dedent(
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
-def test_acked_appends_survive_sigkill(tmp_path: Path) -> None:
-    path = str(tmp_path / "crash.db")
+def test_acked_appends_survive_sigkill(backend: Backend) -> None:
+    path = backend.url
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, path],
@@ -409,6 +505,53 @@ def test_acked_appends_survive_sigkill(tmp_path: Path) -> None:
     run_with_store(StoreConfig(path), check)
 
 
+# -- PostgreSQL only: fenced writes and a lost link --------------------------------
+
+
+def _set_lease(url: str, shard: int, token: int, ttl_s: float = 30) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO zrpc_leases (shard, holder, token, expires_at)"
+            " VALUES (%s, 'test', %s, now() + %s * interval '1 second')"
+            " ON CONFLICT (shard) DO UPDATE SET token = excluded.token,"
+            " expires_at = excluded.expires_at", (shard, token, ttl_s))
+
+
+def test_fenced_writes_stop_after_a_takeover(pg_server: PostgresServer) -> None:
+    url = pg_server.new_database()
+    run_with_store(StoreConfig(url), lambda store: asyncio.sleep(0))  # creates the schema
+    _set_lease(url, 3, 7)
+
+    async def body(store: MessageStore) -> None:
+        await store.append(msg("r", 1))
+        _set_lease(url, 3, 8)  # another worker took shard 3 over
+        with pytest.raises(FencedError):
+            await store.append(msg("r", 2))
+        assert store.last_ids() == {"r": 1}
+        _set_lease(url, 3, 7, ttl_s=-1)  # our token again, but expired: still fenced
+        with pytest.raises(FencedError):
+            await store.append(msg("r", 2))
+        assert [m.id for m in store.read("r")] == [1]
+
+    run_with_store(StoreConfig(url, fence=(3, 7)), body)
+
+
+def test_writer_survives_a_killed_connection(pg_server: PostgresServer) -> None:
+    url = pg_server.new_database()
+
+    async def body(store: MessageStore) -> None:
+        await store.append(msg("r", 1))
+        with psycopg.connect(url, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchall()
+        assert killed  # the store's reader and writer
+        await asyncio.gather(*(store.append(msg("r", i)) for i in range(2, 21)))
+        assert [m.id for m in store.read("r", limit=100)] == list(range(1, 21))
+
+    run_with_store(StoreConfig(url), body)
+
+
 # -- idempotency keys --------------------------------------------------------
 
 
@@ -416,8 +559,8 @@ def keyed(room: str, mid: int, key: str, ts: int = 0, user: str = "u") -> Stored
     return StoredMessage(room, mid, user, f"m{mid}", ts, key)
 
 
-def test_idempotency_keys_survive_a_restart_and_retention(tmp_path: Path) -> None:
-    path = str(tmp_path / "s.db")
+def test_idempotency_keys_survive_a_restart_and_retention(backend: Backend) -> None:
+    path = backend.url
 
     async def first(store: MessageStore) -> None:
         await store.append(keyed("a", 1, "k1", ts=10))
@@ -439,20 +582,20 @@ def test_idempotency_keys_survive_a_restart_and_retention(tmp_path: Path) -> Non
     run_with_store(StoreConfig(path, retention_count=0), second)
 
 
-def test_a_duplicate_key_fails_its_batch(tmp_path: Path) -> None:
+def test_a_duplicate_key_fails_its_batch(backend: Backend) -> None:
     """The service never sends a key twice; if it did, nothing would be stored twice."""
 
     async def body(store: MessageStore) -> None:
         await store.append(keyed("a", 1, "k"))
-        with pytest.raises(sqlite3.IntegrityError):
+        with pytest.raises(backend.integrity_error):
             await store.append(keyed("a", 2, "k"))
         assert [m.id for m in store.read("a")] == [1]
 
-    run_with_store(StoreConfig(str(tmp_path / "s.db")), body)
+    run_with_store(StoreConfig(backend.url), body)
 
 
-def test_key_window_is_age_and_count(tmp_path: Path) -> None:
-    cfg = StoreConfig(str(tmp_path / "s.db"), key_window_ms=1000, key_window_count=3,
+def test_key_window_is_age_and_count(backend: Backend) -> None:
+    cfg = StoreConfig(backend.url, key_window_ms=1000, key_window_count=3,
                       key_prune_interval_s=3600)
 
     async def body(store: MessageStore) -> None:
@@ -470,9 +613,8 @@ def test_key_window_is_age_and_count(tmp_path: Path) -> None:
     run_with_store(cfg, body)
 
 
-def test_writer_prunes_keys_on_its_own(tmp_path: Path) -> None:
-    cfg = StoreConfig(str(tmp_path / "s.db"), key_window_ms=0, key_window_count=2,
-                      key_prune_interval_s=0)
+def test_writer_prunes_keys_on_its_own(backend: Backend) -> None:
+    cfg = StoreConfig(backend.url, key_window_ms=0, key_window_count=2, key_prune_interval_s=0)
 
     async def body(store: MessageStore) -> None:
         for i in range(1, 6):
@@ -482,12 +624,11 @@ def test_writer_prunes_keys_on_its_own(tmp_path: Path) -> None:
         await store.close()  # joins the writer thread
 
     run_with_store(cfg, body)
-    conn = sqlite3.connect(cfg.path)
-    try:
-        assert conn.execute("SELECT key FROM idempotency_keys ORDER BY id").fetchall() == [
-            ("k4",), ("k5",)]
-    finally:
-        conn.close()
+
+    async def check(store: MessageStore) -> None:
+        assert [i for i in range(1, 6) if store.find_key("a", "u", f"k{i}")] == [4, 5]
+
+    run_with_store(StoreConfig(backend.url, key_prune_interval_s=3600), check)
 
 
 def test_a_database_without_the_key_column_is_upgraded(tmp_path: Path) -> None:

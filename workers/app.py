@@ -48,7 +48,8 @@ def load_app(ref: str) -> Any:
 
 
 def chat_app(worker: Worker) -> App:
-    """The chat service for this worker's shard, history in ``<data_dir>/shard-<k>.sqlite``."""
+    """The chat service for this worker's shard, history in the configured store
+    (default: the SQLite file ``<data_dir>/shard-<k>.sqlite``)."""
     from workers.chat.service import ChatConfig, ChatService
     from zrpc.chat import CHAT, ChatResponse
 
@@ -58,8 +59,9 @@ def chat_app(worker: Worker) -> App:
         client = await worker.client()
         return await client.unary(CHAT.methods["Chat/SendMessage"].name, message, ChatResponse)
 
-    path = Path(cfg.data_dir) / f"shard-{cfg.shard}.sqlite"
+    store = (cfg.store or str(Path(cfg.data_dir) / "shard-{shard}.sqlite")).replace(
+        "{shard}", str(cfg.shard))
     # --chat-rate-per-s / --chat-rate-burst of zrpc-broker or zrpc-worker
     limits = {k: v for k, v in cfg.app_options.items() if k in ("rate_per_s", "rate_burst")}
-    return ChatService(ChatConfig(store_path=str(path), **limits), bus=worker.bus,
+    return ChatService(ChatConfig(store_url=store, **limits), bus=worker.bus,
                        owns=worker.owns, forward=forward)

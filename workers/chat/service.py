@@ -53,7 +53,7 @@ from workers.chat.policy import authorize_room
 from workers.chat.presence import PresenceGuard, client_ip
 from workers.chat.ratelimit import RateLimiter
 from workers.chat.rooms import Room, RoomTable
-from workers.chat.store import MessageStore, StoreConfig, StoredMessage
+from workers.chat.store import MessageStore, StoreConfig, StoredMessage, open_store
 from zrpc.chat import (
     CHAT,
     JOIN_CHAT,
@@ -98,8 +98,11 @@ def _now_ms() -> int:
 class ChatConfig:
     """Configuration of a :class:`ChatService`.
 
-    The history goes to ``store_path``, or to ``<data_dir>/chat.sqlite`` when
-    only ``data_dir`` is given. ``max_content_bytes``, ``max_room_name`` and
+    The history goes to ``store_url`` (``sqlite:///path`` or
+    ``postgresql://...``, see :class:`~workers.chat.store.StoreConfig`), else to
+    the SQLite file ``store_path``, else to ``<data_dir>/chat.sqlite``;
+    ``store_fence`` is ``(shard, lease token)`` for fenced writes to a shared
+    store. ``max_content_bytes``, ``max_room_name`` and
     ``max_user_name`` are limits in UTF-8 bytes. ``recent_limit`` messages
     and ``event_ring`` bus events per room are kept in memory (replay and gap
     repair); ``retention_count`` / ``retention_age_ms`` bound the stored
@@ -123,6 +126,8 @@ class ChatConfig:
 
     store_path: str = ""
     data_dir: str = ""
+    store_url: str = ""
+    store_fence: tuple[int, int] | None = None
     max_content_bytes: int = 16384
     recent_limit: int = 1000
     event_ring: int = 4096
@@ -142,8 +147,8 @@ class ChatConfig:
     max_presence_names_per_ip: int = 256  # unauthenticated connections only
 
     def __post_init__(self) -> None:
-        if not self.store_path and not self.data_dir:
-            raise ValueError("ChatConfig needs store_path or data_dir")
+        if not self.store_url and not self.store_path and not self.data_dir:
+            raise ValueError("ChatConfig needs store_url, store_path or data_dir")
         if self.rate_per_s < 0 or self.rate_burst < 1 or self.rate_max_wait_ms < 0:
             raise ValueError("ChatConfig: rate_per_s must be >= 0, rate_burst >= 1, "
                              "rate_max_wait_ms >= 0")
@@ -155,14 +160,14 @@ class ChatConfig:
 
     @property
     def path(self) -> str:
-        """The SQLite file of the history."""
-        return self.store_path or str(Path(self.data_dir) / "chat.sqlite")
+        """The store's URL, or the SQLite file of the history."""
+        return self.store_url or self.store_path or str(Path(self.data_dir) / "chat.sqlite")
 
     def store_config(self) -> StoreConfig:
-        return StoreConfig(path=self.path, synchronous=self.synchronous,
+        return StoreConfig(url=self.path, synchronous=self.synchronous,
                            retention_count=self.retention_count,
                            retention_age_ms=self.retention_age_ms,
-                           max_batch=self.store_max_batch)
+                           max_batch=self.store_max_batch, fence=self.store_fence)
 
 
 class _RoomState:
@@ -211,7 +216,7 @@ class ChatService:
         self.bus = bus
         self.owns = owns
         self.forward = forward
-        self.store = MessageStore(config.store_config())
+        self.store: MessageStore = open_store(config.store_config())
         self.rooms = RoomTable(recent_limit=config.recent_limit, event_ring=config.event_ring,
                                last_ids=self.store.last_ids())
         self._states: dict[str, _RoomState] = {}

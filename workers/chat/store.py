@@ -1,36 +1,31 @@
-"""Durable message history of one shard: a single SQLite file with group commit.
+"""Durable message history of a shard: the store interface and its group commit.
 
 Role
 ----
-A shard worker keeps the chat history of the rooms it owns in one SQLite file.
-Message ids are assigned in memory (see :mod:`workers.chat.rooms`); this module
-only makes them durable and serves history reads.
-
-Durability
-----------
-The database runs in WAL mode.  With the default ``synchronous="NORMAL"`` a
-committed transaction has been written to the WAL file (the OS page cache)
-before :meth:`MessageStore.append` returns, so it survives a crash or SIGKILL
-of the worker process.  It does *not* survive a power loss or kernel crash:
-the last transactions may roll back.  Pass ``synchronous="FULL"`` (WAL is
-fsync'ed at every commit) when power-loss durability is required; group
-commit amortises that fsync over every row of the batch.
+A shard worker keeps the chat history of the rooms it owns in a store:
+embedded SQLite (the default, one file per shard, :mod:`workers.chat.store_sqlite`)
+or a shared PostgreSQL database (:mod:`workers.chat.store_pg`), chosen by URL
+(:func:`open_store`).  Message ids are assigned by the room table
+(:mod:`workers.chat.rooms`); the store makes them durable and serves history.
+Both backends give the same guarantees and run the same test suite.
 
 Group commit
 ------------
 All writes go through a single background thread that owns its own
 connection.  :meth:`MessageStore.append` enqueues the row and awaits a future;
-the writer takes everything queued (at most ``max_batch`` rows), inserts it in
+the writer takes everything queued (at most ``max_batch`` rows), stores it in
 ONE transaction together with the per-room ``last_id`` bookkeeping, commits,
-and then resolves every waiting future.  Rows are committed in the order they
-were enqueued (so appends of one room keep their order).  If a transaction
-fails, every waiter of that batch receives the exception and nothing of the
-batch is stored.  A cancelled ``append`` does not withdraw its row.
+and only then resolves every waiting future (ack after commit).  Rows are
+committed in the order they were enqueued (so appends of one room keep their
+order).  If a transaction fails, every waiter of that batch receives the
+exception and nothing of the batch is stored.  A cancelled ``append`` does
+not withdraw its row.  A row whose ``(room, id)`` is already stored fails
+its batch: ids are never stored twice.
 
 Idempotency keys
 ----------------
 A message may carry a client-chosen ``idempotency_key``. It is stored in the
-message row and, in the same transaction, in the ``idempotency_keys`` table
+message row and, in the same transaction, in an idempotency-key table
 (primary key ``(room, user_name, key)``, its own index), which keeps the id
 and timestamp the message got. :meth:`MessageStore.find_key` looks a key up,
 so a retried send can be answered with the first ack after any number of
@@ -40,77 +35,36 @@ among the ``key_window_count`` newest keys of its room (so at least 24 h or
 the last 100,000 keys per room by default, whichever is larger). The writer
 thread prunes the rooms it wrote to at most every ``key_prune_interval_s``.
 
-Reads and retention use a second connection (WAL readers never block the
-writer).  All SQL is parameterised; text is bound as TEXT, which keeps quotes,
-NUL characters and any unicode intact.
+Fencing
+-------
+A store opened with ``StoreConfig.fence = (shard, token)`` (PostgreSQL only)
+checks inside every write transaction that ``token`` is still the shard's
+lease token (:mod:`workers.lease`); a writer whose lease was taken over gets
+:class:`FencedError` and stores nothing, so two workers never both write one
+shard's rooms.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import queue
-import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
-__all__ = ["MessageStore", "StoreConfig", "StoredMessage"]
+__all__ = ["FencedError", "MessageStore", "StoreConfig", "StoredMessage", "open_store"]
 
 log = logging.getLogger("zrpc.chat.store")
 
 _SYNCHRONOUS_MODES: Final = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
-_BUSY_TIMEOUT_MS: Final = 5000
+_SCHEMES: Final = ("sqlite://", "postgresql://", "postgres://")
 
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS rooms (
-    name    TEXT PRIMARY KEY,
-    last_id INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS messages (
-    room      TEXT    NOT NULL,
-    id        INTEGER NOT NULL,
-    user_name TEXT    NOT NULL,
-    content   TEXT    NOT NULL,
-    ts        INTEGER NOT NULL,
-    PRIMARY KEY (room, id)
-);
-CREATE INDEX IF NOT EXISTS messages_room_ts ON messages (room, ts);
-CREATE TABLE IF NOT EXISTS idempotency_keys (
-    room      TEXT    NOT NULL,
-    user_name TEXT    NOT NULL,
-    key       TEXT    NOT NULL,
-    id        INTEGER NOT NULL,
-    ts        INTEGER NOT NULL,
-    PRIMARY KEY (room, user_name, key)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS idempotency_keys_room_id ON idempotency_keys (room, id);
-"""
 
-# Databases created before idempotency keys lack this column (NULL: no key).
-_ADD_KEY_COLUMN: Final = "ALTER TABLE messages ADD COLUMN idem_key TEXT"
-
-_INSERT_MESSAGE: Final = (
-    "INSERT INTO messages (room, id, user_name, content, ts, idem_key) VALUES (?, ?, ?, ?, ?, ?)"
-)
-_INSERT_KEY: Final = (
-    "INSERT INTO idempotency_keys (room, user_name, key, id, ts) VALUES (?, ?, ?, ?, ?)"
-)
-_FIND_KEY: Final = (
-    "SELECT id, ts FROM idempotency_keys WHERE room = ? AND user_name = ? AND key = ?"
-)
-# Keys of ``room`` older than the cutoff and not among its newest N (index room, id).
-_PRUNE_KEYS: Final = (
-    "DELETE FROM idempotency_keys WHERE room = ? AND ts < ? AND id <= ("
-    " SELECT id FROM idempotency_keys WHERE room = ? ORDER BY id DESC LIMIT 1 OFFSET ?)"
-)
-_UPSERT_LAST_ID: Final = (
-    "INSERT INTO rooms (name, last_id) VALUES (?, ?) "
-    "ON CONFLICT (name) DO UPDATE SET last_id = max(last_id, excluded.last_id)"
-)
+class FencedError(RuntimeError):
+    """A write was refused because this worker no longer holds the shard's lease."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,18 +86,24 @@ class StoredMessage:
 class StoreConfig:
     """Configuration of a :class:`MessageStore`.
 
-    ``path`` is the SQLite file (parent directories are created).
-    ``synchronous`` is the SQLite ``PRAGMA synchronous`` level: ``NORMAL``
-    survives process crashes, ``FULL`` also survives power loss.
-    ``retention_count`` keeps at most that many newest messages per room and
-    ``retention_age_ms`` drops messages older than that, both applied by
-    :meth:`MessageStore.apply_retention`.  ``max_batch`` bounds the rows of
-    one group-commit transaction. Idempotency keys are kept while younger
-    than ``key_window_ms`` or among the ``key_window_count`` newest of their
-    room; pruning runs at most every ``key_prune_interval_s`` seconds.
+    ``url`` names the store: a plain file path or ``sqlite:///path`` for a
+    SQLite file (parent directories are created), ``postgresql://user@host:port/db``
+    (any libpq connection URI) for PostgreSQL.  ``synchronous`` is the SQLite
+    ``PRAGMA synchronous`` level: ``NORMAL`` survives process crashes,
+    ``FULL`` also survives power loss (PostgreSQL follows the server's
+    ``synchronous_commit``).  ``retention_count`` keeps at most that many
+    newest messages per room and ``retention_age_ms`` drops messages older
+    than that, both applied by :meth:`MessageStore.apply_retention`.
+    ``max_batch`` bounds the rows of one group-commit transaction.
+    Idempotency keys are kept while younger than ``key_window_ms`` or among
+    the ``key_window_count`` newest of their room; pruning runs at most every
+    ``key_prune_interval_s`` seconds.  ``fence``
+    is ``(shard, lease token)`` for fenced writes (PostgreSQL only).
+    ``commit_timeout_ms`` bounds how long the PostgreSQL writer retries a
+    batch across reconnections before failing it.
     """
 
-    path: str
+    url: str
     synchronous: str = "NORMAL"
     retention_count: int | None = None
     retention_age_ms: int | None = None
@@ -151,10 +111,16 @@ class StoreConfig:
     key_window_ms: int = 24 * 3600 * 1000
     key_window_count: int = 100_000
     key_prune_interval_s: float = 60.0
+    fence: tuple[int, int] | None = None
+    commit_timeout_ms: int = 5000
 
     def __post_init__(self) -> None:
-        if not self.path or self.path == ":memory:" or self.path.startswith("file:"):
-            raise ValueError("StoreConfig.path must be a plain file path")
+        if self.kind == "sqlite":
+            path = self.path
+            if not path or path == ":memory:" or path.startswith("file:"):
+                raise ValueError("a SQLite store needs a plain file path")
+            if self.fence is not None:
+                raise ValueError("fenced writes need a shared (postgresql://) store")
         if self.synchronous.upper() not in _SYNCHRONOUS_MODES:
             raise ValueError(
                 f"synchronous must be one of {sorted(_SYNCHRONOUS_MODES)}, got {self.synchronous!r}"
@@ -168,6 +134,22 @@ class StoreConfig:
         if self.key_window_ms < 0 or self.key_window_count < 0 or self.key_prune_interval_s < 0:
             raise ValueError("key_window_ms, key_window_count and key_prune_interval_s "
                              "must be >= 0")
+        if self.commit_timeout_ms < 0:
+            raise ValueError("commit_timeout_ms must be >= 0")
+
+    @property
+    def kind(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        if self.url.startswith(("postgresql://", "postgres://")):
+            return "postgresql"
+        if "://" in self.url and not self.url.startswith("sqlite://"):
+            raise ValueError(f"unsupported store URL {self.url!r}: expected one of {', '.join(_SCHEMES)}")
+        return "sqlite"
+
+    @property
+    def path(self) -> str:
+        """The SQLite file (``sqlite:///abs/path`` or a plain path)."""
+        return self.url.removeprefix("sqlite://") if self.url.startswith("sqlite://") else self.url
 
 
 # One queued append: the row, and the loop/future to resolve once it is committed.
@@ -192,25 +174,23 @@ def _resolve(futures: list[asyncio.Future[None]], error: BaseException | None) -
             fut.set_exception(error)
 
 
-def _connect(path: str, synchronous: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(
-        path, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT_MS / 1000
-    )
-    try:
-        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS:d}")
-        # ``synchronous`` is validated against a whitelist; PRAGMAs cannot be bound.
-        conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
+def last_ids_of(batch: Iterable[StoredMessage]) -> dict[str, int]:
+    """Room -> highest id in ``batch`` (the rooms table's bookkeeping)."""
+    last: dict[str, int] = {}
+    for m in batch:
+        if m.id > last.get(m.room, 0):
+            last[m.room] = m.id
+    return last
 
 
 class MessageStore:
-    """Durable history of one shard (see the module docstring).
+    """Durable history of a shard (see the module docstring).
 
-    ``commits`` counts committed write transactions and ``committed_rows`` the
-    rows they held; ``largest_batch`` is the biggest transaction so far.
+    Subclasses implement the backend: ``_open_writer`` (the writer thread's
+    connection), ``_write`` (one batch in one transaction, committed),
+    ``_prune_keys``, ``_close_writer``, and the reads.  ``commits`` counts committed write
+    transactions and ``committed_rows`` the rows they held; ``largest_batch``
+    is the biggest transaction so far.
     """
 
     def __init__(self, config: StoreConfig) -> None:
@@ -221,29 +201,78 @@ class MessageStore:
         self._closed = False
         self._queue: queue.SimpleQueue[_Pending | _Stop] = queue.SimpleQueue()
         self._read_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
         self._key_rooms: set[str] = set()  # rooms given keys since the last prune (writer)
         self._pruned_at = time.monotonic()
 
-        parent = os.path.dirname(os.path.abspath(config.path))
-        os.makedirs(parent, exist_ok=True)
-
-        self._reader = _connect(config.path, config.synchronous)
-        try:
-            mode = self._reader.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise sqlite3.OperationalError(f"cannot enable WAL mode (got {mode!r})")
-            self._reader.executescript(_SCHEMA)
-            columns = {row[1] for row in self._reader.execute("PRAGMA table_info(messages)")}
-            if "idem_key" not in columns:
-                self._reader.execute(_ADD_KEY_COLUMN)
-            self._writer_conn = _connect(config.path, config.synchronous)
-        except BaseException:
-            self._reader.close()
-            raise
+    def _start_writer(self) -> None:
+        """Open the writer's connection here (errors surface to the caller) and start it."""
+        conn = self._open_writer()
         self._thread = threading.Thread(
-            target=self._writer_main, name=f"chat-store-writer:{config.path}", daemon=True
+            target=self._writer_main, args=(conn,), name=f"chat-store-writer:{self.config.kind}",
+            daemon=True,
         )
         self._thread.start()
+
+    # -- backend hooks --------------------------------------------------------
+
+    def _open_writer(self) -> Any:
+        raise NotImplementedError
+
+    def _write(self, conn: Any, batch: Sequence[StoredMessage]) -> Any:
+        """Store ``batch`` in one committed transaction; returns the (maybe new) connection."""
+        raise NotImplementedError
+
+    def _close_writer(self, conn: Any) -> None:
+        raise NotImplementedError
+
+    def _prune_keys(self, conn: Any, rooms: Iterable[str], now_ms: int) -> int:
+        """Delete the keys of ``rooms`` that left the window (one transaction); how many."""
+        raise NotImplementedError
+
+    def find_key(self, room: str, user: str, key: str) -> tuple[int, int] | None:
+        """``(id, timestamp)`` of the committed message ``user`` sent to ``room``
+        with idempotency ``key``, or None (never stored, or out of the window)."""
+        raise NotImplementedError
+
+    def prune_keys(self, now_ms: int) -> int:
+        """Delete the idempotency keys of every room that left the window
+        (see :class:`StoreConfig`); returns how many. The writer thread also
+        does this on its own for the rooms it writes to."""
+        raise NotImplementedError
+
+    def _close_reader(self) -> None:
+        raise NotImplementedError
+
+    def last_ids(self) -> dict[str, int]:
+        """Room -> highest message id ever committed (retention does not lower it)."""
+        raise NotImplementedError
+
+    def read(
+        self,
+        room: str,
+        *,
+        after_id: int = 0,
+        after_timestamp: int | None = None,
+        limit: int = 1000,
+    ) -> list[StoredMessage]:
+        """Committed messages of ``room`` with ``id > after_id`` (and, if given,
+        ``timestamp > after_timestamp``), ascending by id, at most ``limit``."""
+        if limit < 0:
+            raise ValueError("limit must be >= 0")
+        return self._read(room, after_id, after_timestamp, limit)
+
+    def _read(self, room: str, after_id: int, after_timestamp: int | None,
+              limit: int) -> list[StoredMessage]:
+        raise NotImplementedError
+
+    def apply_retention(self, now_ms: int) -> int:
+        """Delete messages beyond ``retention_count`` per room or older than
+        ``now_ms - retention_age_ms``; returns the number of rows deleted.
+
+        ``last_ids()`` is untouched, so ids keep increasing after a purge.
+        """
+        raise NotImplementedError
 
     # -- writes -------------------------------------------------------------
 
@@ -277,8 +306,7 @@ class MessageStore:
         self._queue.put((message, loop, fut))
         return fut
 
-    def _writer_main(self) -> None:
-        conn = self._writer_conn
+    def _writer_main(self, conn: Any) -> None:
         stop = False
         try:
             while not stop:
@@ -295,66 +323,28 @@ class MessageStore:
                         stop = True
                         break
                     batch.append(item)
-                self._commit_batch(conn, batch)
+                error: BaseException | None = None
+                try:
+                    conn = self._write(conn, [m for m, _, _ in batch])
+                except Exception as exc:
+                    error = exc
+                else:
+                    self.commits += 1
+                    self.committed_rows += len(batch)
+                    self.largest_batch = max(self.largest_batch, len(batch))
+                    self._key_rooms.update(m.room for m, _, _ in batch if m.idempotency_key)
+                self._notify(batch, error)
+                if self._key_rooms and (time.monotonic() - self._pruned_at
+                                        >= self.config.key_prune_interval_s):
+                    try:
+                        self._prune_keys(conn, self._key_rooms, int(time.time() * 1000))
+                    except Exception as exc:  # housekeeping: the next round retries
+                        log.warning("pruning idempotency keys failed: %s", exc)
+                    self._key_rooms = set()
+                    self._pruned_at = time.monotonic()
         finally:
-            conn.close()
+            self._close_writer(conn)
             self._fail_leftovers()
-
-    def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Pending]) -> None:
-        rows = [(m.room, m.id, m.user, m.content, m.timestamp, m.idempotency_key or None)
-                for m, _, _ in batch]
-        keys = [(m.room, m.user, m.idempotency_key, m.id, m.timestamp)
-                for m, _, _ in batch if m.idempotency_key]
-        last: dict[str, int] = {}
-        for m, _, _ in batch:
-            if m.id > last.get(m.room, 0):
-                last[m.room] = m.id
-        error: BaseException | None = None
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.executemany(_INSERT_MESSAGE, rows)
-                if keys:
-                    conn.executemany(_INSERT_KEY, keys)
-                conn.executemany(_UPSERT_LAST_ID, last.items())
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        except Exception as exc:
-            error = exc
-        else:
-            self.commits += 1
-            self.committed_rows += len(batch)
-            self.largest_batch = max(self.largest_batch, len(batch))
-            self._key_rooms.update(k[0] for k in keys)
-        self._notify(batch, error)
-        if self._key_rooms and (time.monotonic() - self._pruned_at
-                                >= self.config.key_prune_interval_s):
-            self._prune_keys(conn, self._key_rooms, int(time.time() * 1000))
-            self._key_rooms = set()
-            self._pruned_at = time.monotonic()
-
-    def _prune_keys(self, conn: sqlite3.Connection, rooms: Iterable[str], now_ms: int) -> int:
-        """Delete the keys of ``rooms`` that left the window; returns how many."""
-        cutoff = now_ms - self.config.key_window_ms
-        keep = self.config.key_window_count
-        deleted = 0
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for room in rooms:
-                    deleted += conn.execute(_PRUNE_KEYS, (room, cutoff, room, keep)).rowcount
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:  # pruning is housekeeping: the next round retries
-            log.warning("pruning idempotency keys failed: %s", exc)
-            return 0
-        return deleted
 
     @staticmethod
     def _notify(batch: Iterable[_Pending], error: BaseException | None) -> None:
@@ -379,95 +369,6 @@ class MessageStore:
         if leftovers:
             self._notify(leftovers, RuntimeError("MessageStore is closed"))
 
-    # -- reads --------------------------------------------------------------
-
-    def find_key(self, room: str, user: str, key: str) -> tuple[int, int] | None:
-        """``(id, timestamp)`` of the committed message ``user`` sent to ``room``
-        with idempotency ``key``, or None (never stored, or out of the window)."""
-        with self._read_lock:
-            row = self._reader.execute(_FIND_KEY, (room, user, key)).fetchone()
-        return None if row is None else (row[0], row[1])
-
-    def last_ids(self) -> dict[str, int]:
-        """Room -> highest message id ever committed (retention does not lower it)."""
-        with self._read_lock:
-            rows = self._reader.execute("SELECT name, last_id FROM rooms").fetchall()
-        return {name: last_id for name, last_id in rows}
-
-    def read(
-        self,
-        room: str,
-        *,
-        after_id: int = 0,
-        after_timestamp: int | None = None,
-        limit: int = 1000,
-    ) -> list[StoredMessage]:
-        """Committed messages of ``room`` with ``id > after_id`` (and, if given,
-        ``timestamp > after_timestamp``), ascending by id, at most ``limit``."""
-        if limit < 0:
-            raise ValueError("limit must be >= 0")
-        sql = ("SELECT id, user_name, content, ts, idem_key FROM messages"
-               " WHERE room = ? AND id > ?")
-        params: list[str | int] = [room, after_id]
-        if after_timestamp is not None:
-            sql += " AND ts > ?"
-            params.append(after_timestamp)
-        sql += " ORDER BY id LIMIT ?"
-        params.append(limit)
-        with self._read_lock:
-            rows = self._reader.execute(sql, params).fetchall()
-        return [StoredMessage(room, mid, user, content, ts, key or "")
-                for mid, user, content, ts, key in rows]
-
-    # -- retention ----------------------------------------------------------
-
-    def apply_retention(self, now_ms: int) -> int:
-        """Delete messages beyond ``retention_count`` per room or older than
-        ``now_ms - retention_age_ms``; returns the number of rows deleted.
-
-        ``rooms.last_id`` is untouched, so ids keep increasing after a purge.
-        Idempotency keys have their own window (see :meth:`prune_keys`).
-        """
-        count = self.config.retention_count
-        age = self.config.retention_age_ms
-        if count is None and age is None:
-            return 0
-        deleted = 0
-        with self._read_lock:
-            conn = self._reader
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                rooms = [r for (r,) in conn.execute("SELECT name FROM rooms").fetchall()]
-                for room in rooms:
-                    if age is not None:
-                        cur = conn.execute(
-                            "DELETE FROM messages WHERE room = ? AND ts < ?", (room, now_ms - age)
-                        )
-                        deleted += cur.rowcount
-                    if count is not None:
-                        cur = conn.execute(
-                            "DELETE FROM messages WHERE room = ? AND id <= ("
-                            " SELECT id FROM messages WHERE room = ?"
-                            " ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                            (room, room, count),
-                        )
-                        deleted += cur.rowcount
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        return deleted
-
-    def prune_keys(self, now_ms: int) -> int:
-        """Delete the idempotency keys of every room that left the window
-        (see :class:`StoreConfig`); returns how many. The writer thread also
-        does this on its own for the rooms it writes to."""
-        with self._read_lock:
-            rooms = [r for (r,) in self._reader.execute(
-                "SELECT DISTINCT room FROM idempotency_keys").fetchall()]
-            return self._prune_keys(self._reader, rooms, now_ms)
-
     # -- lifecycle ----------------------------------------------------------
 
     async def close(self) -> None:
@@ -476,6 +377,18 @@ class MessageStore:
             return
         self._closed = True
         self._queue.put(_STOP)
-        await asyncio.to_thread(self._thread.join)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
         with self._read_lock:
-            self._reader.close()
+            self._close_reader()
+
+
+def open_store(config: StoreConfig) -> MessageStore:
+    """The store named by ``config.url`` (SQLite file or PostgreSQL database)."""
+    if config.kind == "postgresql":
+        from workers.chat.store_pg import PostgresStore
+
+        return PostgresStore(config)
+    from workers.chat.store_sqlite import SqliteStore
+
+    return SqliteStore(config)

@@ -1,0 +1,124 @@
+"""A throwaway PostgreSQL server for tests and the bench: initdb + pg_ctl in a temporary directory.
+
+The Debian server package (``apt-get install postgresql``, which ``scripts/test``
+installs where missing) provides the binaries under
+``/usr/lib/postgresql/<version>/bin``.  PostgreSQL refuses to run as root, so
+as root the server runs as the ``postgres`` user.  It listens on a free TCP
+port on ``host`` (127.0.0.1 by default) with ``trust`` authentication, fsync
+off unless asked for (tests check the commit protocol, not the disk; the
+bench keeps fsync on), and is always stopped by :meth:`PostgresServer.stop`.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+__all__ = ["PostgresServer", "find_bindir", "missing_reason"]
+
+
+def find_bindir() -> Path | None:
+    """The newest installed PostgreSQL server's bin directory, if any."""
+    dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"),
+                  key=lambda d: int(Path(d).parent.name) if Path(d).parent.name.isdigit() else 0)
+    for d in reversed(dirs):
+        if os.access(os.path.join(d, "pg_ctl"), os.X_OK) and os.access(os.path.join(d, "initdb"), os.X_OK):
+            return Path(d)
+    found = shutil.which("pg_ctl")
+    if found and shutil.which("initdb"):
+        return Path(found).resolve().parent
+    return None
+
+
+def missing_reason() -> str | None:
+    """Why no server can be started here, or None."""
+    if find_bindir() is None:
+        return ("PostgreSQL server binaries (initdb, pg_ctl) not found; "
+                "scripts/test installs them (apt-get install postgresql)")
+    if os.geteuid() == 0 and not _has_user("postgres"):
+        return "running as root but there is no postgres user to run the server as"
+    return None
+
+
+def _has_user(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class PostgresServer:
+    """One PostgreSQL cluster in a temporary directory (see the module docstring)."""
+
+    def __init__(self, bindir: Path, host: str = "127.0.0.1", *, fsync: bool = False) -> None:
+        self.bindir = bindir
+        self.fsync = fsync
+        self.host = host
+        self.port = 0
+        self.dir = Path(tempfile.mkdtemp(prefix="zrpc-pg-"))
+        self.data = self.dir / "data"
+        self._user: str | None = "postgres" if os.geteuid() == 0 else None
+        self._started = False
+        self._dbs = 0
+
+    def _run(self, *args: str, timeout: float = 60) -> None:
+        cmd = [str(self.bindir / args[0]), *args[1:]]
+        if self._user is not None:
+            cmd = ["runuser", "-u", self._user, "--", *cmd]
+        subprocess.run(cmd, check=True, timeout=timeout, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, cwd=str(self.dir))
+
+    def start(self) -> PostgresServer:
+        if self._user is not None:
+            os.chmod(self.dir, 0o755)
+            shutil.chown(self.dir, self._user)
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
+                  "--no-sync", "--no-instructions")
+        self.port = _free_port(self.host)
+        opts = (f"-p {self.port} -k {self.dir} -c listen_addresses={self.host} "
+                f"-c fsync={'on' if self.fsync else 'off'} "
+                "-c max_connections=200 -c shared_buffers=32MB")
+        self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.dir / "log"),
+                  "-w", "-t", "30", "start")
+        self._started = True
+        return self
+
+    def url(self, db: str = "postgres") -> str:
+        return f"postgresql://postgres@{self.host}:{self.port}/{db}"
+
+    def new_database(self) -> str:
+        """A fresh empty database; returns its URL."""
+        import psycopg
+
+        self._dbs += 1
+        name = f"t{self._dbs}"
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def log(self) -> str:
+        try:
+            return (self.dir / "log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        try:
+            if self._started:
+                self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        finally:
+            self._started = False
+            shutil.rmtree(self.dir, ignore_errors=True)
