@@ -63,6 +63,7 @@ def _startup_step(option: str, value: object) -> Iterator[None]:
 @dataclass(frozen=True)
 class BrokerConfig:
     listen: str = "127.0.0.1:8443"
+    quic_listen: str | None = None            # UDP HOST:PORT for zrpc over QUIC (same TLS, limits, auth)
     tls: TlsConfig | None = None              # None: development TLS under ZRPC_HOME
     workers: int = 2                          # workers to spawn and supervise (0: external only)
     shards: int | None = None                 # default: workers (required when workers == 0)
@@ -134,6 +135,8 @@ class Broker:
         self._own_runtime: str | None = None
         self.supervisor: Supervisor | None = None
         self.address: tuple[str, int] | None = None
+        self.quic: Any = None                      # zrpc.quic.QuicListener when --quic-listen is on
+        self.quic_address: tuple[str, int] | None = None
         self.router_endpoint = ""
         self.web: WebServer | None = None
 
@@ -186,13 +189,16 @@ class Broker:
         with _startup_step("--listen", cfg.listen):
             listen = parse_listen_address(cfg.listen)
             if listen.scheme != "zrpc":
-                raise AddressError(f"the {listen.scheme} transport is not available")
+                raise AddressError("TLS over TCP only; use --quic-listen for QUIC")
             host, port = listen.host, listen.port
             self._server = await loop.create_server(
                 lambda: EdgeProtocol(self), host, port, ssl=ctx, backlog=1024,
                 ssl_handshake_timeout=cfg.server.handshake_timeout_ms / 1000 if ctx else None)
         name = self._server.sockets[0].getsockname()
         self.address = (name[0], name[1])
+        if cfg.quic_listen is not None:
+            with _startup_step("--quic-listen", cfg.quic_listen):
+                await self._start_quic(cfg.quic_listen, tls)
         if cfg.web_port is not None:
             self.web = WebServer(lambda: EdgeProtocol(self), cfg.server, WebServer.context_for(ctx, tls),
                                  host, cfg.web_port, cfg.web_origins)
@@ -214,6 +220,17 @@ class Broker:
                  self.address[0], self.address[1], "TLS" if ctx else "PLAINTEXT",
                  self.router_endpoint, self.shards)
         return self.address
+
+    async def _start_quic(self, address: str, tls: TlsConfig) -> None:
+        from zrpc.quic import serve_quic
+
+        addr = parse_listen_address(address)
+        server = self.config.server
+        self.quic = await serve_quic(addr.host, addr.port, tls, server.settings(), lambda: EdgeProtocol(self),
+                                     handshake_timeout=server.handshake_timeout_ms / 1000,
+                                     max_connections=server.max_connections)
+        self.quic_address = self.quic.address
+        log.info("broker listening on quic://%s:%d (UDP)", *self.quic_address)
 
     async def registry_ready(self) -> None:
         """Wait until every shard has a live worker."""
@@ -389,6 +406,8 @@ class Broker:
         grace = self.config.server.shutdown_grace_ms / 1000 if grace is None else grace
         if self._server is not None:
             self._server.close()
+        if self.quic is not None:
+            self.quic.stop_accepting()
         if self.web is not None:
             self.web.close()
         clients = [s for s in self.sessions.values() if s.internal_worker is None]
@@ -420,6 +439,8 @@ class Broker:
                 await asyncio.wait_for(self._server.wait_closed(), 2)
         if self.web is not None:
             await self.web.wait_closed()
+        if self.quic is not None:
+            self.quic.close()
         if self._own_runtime is not None:
             shutil.rmtree(self._own_runtime, ignore_errors=True)
         self._stopped.set()

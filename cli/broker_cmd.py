@@ -61,6 +61,10 @@ def _authenticator(secret: str | None, public_key_file: str | None, audience: st
               type=AddressParam(default_host="127.0.0.1", allow_port_zero=True),
               help="HOST:PORT for client connections (also :PORT, PORT, [IPv6]:PORT; "
                    "port 0 picks a free one).")
+@click.option("--quic-listen", default=None, envvar="ZRPC_QUIC_LISTEN",
+              type=AddressParam(default_host="127.0.0.1", allow_port_zero=True),
+              help="Also accept zrpc over QUIC on this UDP HOST:PORT (same certificates, limits, "
+                   "auth and metrics as --listen; clients use quic://HOST:PORT). Off by default.")
 @click.option("--workers", type=int, default=2, show_default=True, envvar="ZRPC_WORKERS",
               help="Shard workers to spawn and supervise; 0 waits for external `zrpc-worker`s.")
 @click.option("--shards", type=int, default=None, envvar="ZRPC_SHARDS",
@@ -131,10 +135,10 @@ def _authenticator(secret: str | None, public_key_file: str | None, audience: st
               help="Also accept WebSockets from pages of this origin (e.g. https://chat.example.com); "
                    "repeatable. The page's own origin is always accepted.")
 @click.option("--ready-file", type=click.Path(dir_okay=False), default=None, envvar="ZRPC_READY_FILE",
-              help="Write {address, pid, router, web} as JSON here once every shard has a live worker "
-                   "(web: HOST:PORT of --web-port, when on).")
-def start(listen: str, workers: int, shards: int | None, data_dir: str | None, store: str | None,
-          router: str | None,
+              help="Write {address, pid, router, web, quic} as JSON here once every shard has a live "
+                   "worker (web, quic: HOST:PORT of --web-port / --quic-listen, when on).")
+def start(listen: str, quic_listen: str | None, workers: int, shards: int | None, data_dir: str | None,
+          store: str | None, router: str | None,
           runtime_dir: str | None, cert: str | None, key: str | None, ca: str | None,
           require_client_cert: bool, insecure: bool, heartbeat_ms: int, liveness: int,
           max_connections: int, max_connections_per_ip: int, idle_timeout_ms: int,
@@ -175,8 +179,8 @@ def start(listen: str, workers: int, shards: int | None, data_dir: str | None, s
                      idle_timeout_ms=idle_timeout_ms or None, authenticator=authenticator,
                      shutdown_grace_ms=int(grace * 1000), enable_debug_logging=debug_frames,
                      stream_config=streams)
-    config = BrokerConfig(listen=listen, tls=tls, workers=workers, shards=shards, data_dir=data_dir,
-                          runtime_dir=runtime_dir, router=router, heartbeat_ms=heartbeat_ms,
+    config = BrokerConfig(listen=listen, quic_listen=quic_listen, tls=tls, workers=workers, shards=shards,
+                          data_dir=data_dir, runtime_dir=runtime_dir, router=router, heartbeat_ms=heartbeat_ms,
                           liveness=liveness, server=server, metrics_port=metrics_port,
                           web_port=web_port, web_origins=tuple(web_origins),
                           log_level=log_level, app=app_ref or DEFAULT_APP, app_options=app_options,
@@ -207,6 +211,9 @@ def start(listen: str, workers: int, shards: int | None, data_dir: str | None, s
         click.echo(f"zrpc broker listening on {host}:{port} ({workers} worker(s), "
                    f"{config.shard_count} shard(s)); Ctrl-C to stop", err=True)
         web = broker.web.address if broker.web is not None else None
+        quic = broker.quic_address
+        if quic is not None:
+            click.echo(f"zrpc over QUIC on quic://{quic[0]}:{quic[1]} (UDP)", err=True)
         if broker.web is not None and web is not None:
             click.echo(f"chat page: {broker.web.scheme}://{'localhost' if web[0] in ('127.0.0.1', '::1') else web[0]}"
                        f":{web[1]}/", err=True)
@@ -218,7 +225,8 @@ def start(listen: str, workers: int, shards: int | None, data_dir: str | None, s
                 with open(tmp, "w") as f:
                     json.dump({"address": f"{host}:{port}", "pid": os.getpid(),
                                "router": broker.router_endpoint,
-                               **({"web": f"{web[0]}:{web[1]}"} if web else {})}, f)
+                               **({"web": f"{web[0]}:{web[1]}"} if web else {}),
+                               **({"quic": f"{quic[0]}:{quic[1]}"} if quic else {})}, f)
                 os.replace(tmp, ready_file)
             log.info("all %d shard(s) have a live worker: serving", config.shard_count)
 

@@ -28,6 +28,29 @@ def broker(tmp_path: Path) -> Iterator[BrokerProc]:
         b.stop()
 
 
+def over(b: BrokerProc, transport: str) -> BrokerProc:
+    """Point ``b.address`` at the listener ``transport`` names (the broker runs with --quic-listen)."""
+    if transport == "quic":
+        b.info["address"] = "quic://" + b.info["quic"]
+    return b
+
+
+@pytest.fixture(params=["tls", "quic"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """Which of the broker's listeners a test's clients use: --listen (TLS/TCP) or --quic-listen."""
+    return str(request.param)
+
+
+@pytest.fixture
+def broker_both(tmp_path: Path, transport: str) -> Iterator[BrokerProc]:
+    """A broker listening on TLS/TCP and QUIC; its ``address`` is the one ``transport`` names."""
+    b = start_broker(tmp_path, "--quic-listen", "127.0.0.1:0")
+    try:
+        yield over(b.wait_ready(), transport)
+    finally:
+        b.stop()
+
+
 def run(coro: Any) -> Any:
     return uvloop.run(coro)
 
@@ -41,8 +64,9 @@ def keys_by_shard(shards: int = 2) -> dict[int, str]:
     return found
 
 
-def test_four_patterns_and_routing(broker: BrokerProc, tmp_path: Path) -> None:
+def test_four_patterns_and_routing(broker_both: BrokerProc, tmp_path: Path) -> None:
     keys = keys_by_shard()
+    broker = broker_both
 
     async def main() -> None:
         c = await connect(broker, tmp_path)
@@ -204,10 +228,11 @@ def test_client_disconnect_cancels_worker_handlers(broker: BrokerProc, tmp_path:
     run(main())
 
 
-def test_graceful_shutdown_drains_in_flight_calls(tmp_path: Path) -> None:
-    b = start_broker(tmp_path, "--grace", "10")
+def test_graceful_shutdown_drains_in_flight_calls(tmp_path: Path, transport: str) -> None:
+    b = start_broker(tmp_path, "--grace", "10", "--quic-listen", "127.0.0.1:0")
     try:
         b.wait_ready()
+        over(b, transport)
         worker_pids = children(b.pid)
 
         async def main() -> None:
@@ -269,16 +294,17 @@ def test_bus_drops_are_repaired_from_the_owning_shard(broker: BrokerProc, tmp_pa
     run(main())
 
 
-def test_metrics_endpoint_counts_calls_bytes_and_fanout(tmp_path: Path) -> None:
+def test_metrics_endpoint_counts_calls_bytes_and_fanout(tmp_path: Path, transport: str) -> None:
     import socket
     import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    b = start_broker(tmp_path, "--metrics-port", str(port))
+    b = start_broker(tmp_path, "--metrics-port", str(port), "--quic-listen", "127.0.0.1:0")
     try:
         b.wait_ready()
+        over(b, transport)
 
         async def main() -> None:
             c = await connect(b, tmp_path)

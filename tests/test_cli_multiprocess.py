@@ -21,7 +21,7 @@ ZRPC = str(BIN / "zrpc")
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[BrokerProc]:
-    b = start_broker(tmp_path, app=None)
+    b = start_broker(tmp_path, "--quic-listen", "127.0.0.1:0", app=None)
     try:
         yield b.wait_ready()
     finally:
@@ -45,8 +45,9 @@ def client_env(tmp_path: Path, address: str) -> dict[str, str]:
     return env
 
 
-def test_every_command_scripted_with_json(broker: BrokerProc, tmp_path: Path) -> None:
-    env = client_env(tmp_path, broker.address)
+@pytest.mark.parametrize("transport", ["tls", "quic"])
+def test_every_command_scripted_with_json(broker: BrokerProc, tmp_path: Path, transport: str) -> None:
+    env = client_env(tmp_path, broker.address if transport == "tls" else f"quic://{broker.info['quic']}")
     assert zrpc(env, "health").returncode == 0
     methods = {m["name"] for m in lines(zrpc(env, "--json", "list").stdout)}
     assert {"Chat/SendMessage", "Chat/SendMessageBatch", "Chat/SubscribeToRoom", "Chat/JoinChat",

@@ -13,6 +13,7 @@ Loopback only; waits are events or polls with a deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -207,14 +208,19 @@ class RawQuic(QuicConnectionProtocol):
         self.received: dict[int, bytearray] = {}
         self.fins: set[int] = set()
         self.terminated: asyncio.Future[qe.ConnectionTerminated] = self._loop.create_future()
+        self.handshake: asyncio.Future[None] = self._loop.create_future()
 
     def quic_event_received(self, event: qe.QuicEvent) -> None:
         if isinstance(event, qe.StreamDataReceived):
             self.received.setdefault(event.stream_id, bytearray()).extend(event.data)
             if event.end_stream:
                 self.fins.add(event.stream_id)
+        elif isinstance(event, qe.HandshakeCompleted) and not self.handshake.done():
+            self.handshake.set_result(None)
         elif isinstance(event, qe.ConnectionTerminated) and not self.terminated.done():
             self.terminated.set_result(event)
+            if not self.handshake.done():
+                self.handshake.set_exception(ConnectionError(event.reason_phrase))
 
     def send(self, quic_id: int, data: bytes, fin: bool = False) -> None:
         self._quic.send_stream_data(quic_id, data, end_stream=fin)
@@ -233,7 +239,7 @@ async def raw_quic(port: int, alpn: str = ALPN_PROTOCOL) -> AsyncIterator[RawQui
     transport, proto = await loop.create_datagram_endpoint(lambda: RawQuic(quic), local_addr=("127.0.0.1", 0))
     try:
         proto.connect(("127.0.0.1", port))
-        await asyncio.wait_for(proto.wait_connected(), 10)
+        await asyncio.wait_for(proto.handshake, 10)
         yield proto
     finally:
         proto.close()
@@ -498,3 +504,76 @@ def test_client_address_change_mid_connection_is_followed() -> None:
                 ptransport.close()
                 proxy.upstream.close()
     uvloop.run(main())
+
+
+# ------------------------------------------------------------ the broker's edge
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_broker_quic_listener_survives_hostile_peers_and_keeps_serving(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from procs import start_broker
+
+    monkeypatch.setenv("ZRPC_HOME", str(tmp_path))  # the broker's development CA
+
+    broker = start_broker(tmp_path, "--quic-listen", "127.0.0.1:0", "--workers", "1")
+    try:
+        broker.wait_ready()
+        port = int(broker.info["quic"].rsplit(":", 1)[1])
+
+        async def main() -> None:
+            # mapping violations: each gets CONNECTION_CLOSE with its status
+            for steps, code in [
+                ([(4, frame(F.OPEN, 1, ["Echo/Say", None, {}]))], Status.INTERNAL),
+                ([(0, frame(F.HELLO, 0, HELLO)), (4, frame(F.MESSAGE, 1, raw=b"x"))], Status.INTERNAL),
+                ([(0, frame(F.HELLO, 0, HELLO)), (8, frame(F.OPEN, 1, ["Echo/Say", None, {}]))], Status.INTERNAL),
+                ([(0, frame(F.HELLO, 0, {"version": 99}))], Status.FAILED_PRECONDITION),
+            ]:
+                async with raw_quic(port) as raw:
+                    for quic_id, data in steps:
+                        raw.send(quic_id, data)
+                    ev = await asyncio.wait_for(raw.terminated, 10)
+                    assert ev.error_code == code, (steps, ev)
+            # a well-formed raw call through the edge to a worker, then a RESET_STREAM mid-call
+            async with raw_quic(port) as raw:
+                raw.send(0, frame(F.HELLO, 0, HELLO))
+                raw.send(4, frame(F.OPEN, 1, ["Echo/Say", None, {}])
+                         + frame(F.MESSAGE, 1, raw=msgpack.packb({"key": "a"}), flags=2))
+                raw.send(8, frame(F.OPEN, 3, ["Echo/Sleep", None, {}])
+                         + frame(F.MESSAGE, 3, raw=msgpack.packb({"key": "a", "seconds": 30}), flags=2))
+                await until(lambda: 4 in raw.fins, what="the unary call to finish")
+                kinds = [f[0] for f in raw.frames(4)]
+                assert kinds == [F.MESSAGE, F.STATUS], kinds
+                raw._quic.reset_stream(8, int(Status.CANCELLED))
+                raw.transmit()
+                await until(lambda: 8 in raw.fins, what="the edge to finish the reset stream")
+            # fuzz: random bytes on random streams after a HELLO
+            rng = random.Random(14)
+            for _ in range(10):
+                async with raw_quic(port) as raw:
+                    raw.send(0, frame(F.HELLO, 0, HELLO))
+                    for _ in range(5):
+                        quic_id = rng.choice([0, 4, 8, 12])
+                        with contextlib.suppress(ValueError, RuntimeError):  # it finished that stream
+                            raw.send(quic_id, rng.randbytes(rng.randint(1, 64)), fin=rng.random() < 0.2)
+                    with contextlib.suppress(ValueError, RuntimeError):
+                        raw.send(0, frame(F.PING, 0, raw=b"pingping"))
+                    with contextlib.suppress(TimeoutError):  # closed by the broker, or still open
+                        await asyncio.wait_for(asyncio.shield(raw.terminated), 0.2)
+            await still_serving_echo(port)
+
+        uvloop.run(main())
+        assert "Traceback" not in broker.output(), broker.output()[-3000:]
+    finally:
+        broker.stop()
+
+
+async def still_serving_echo(port: int) -> None:
+    client = zrpc.Client()
+    await client.connect(f"quic://127.0.0.1:{port}", zrpc.TlsConfig.development())
+    try:
+        reply = await client.unary("Echo/Say", {"key": "z"}, timeout=10)
+        assert reply["key"] == "z"
+    finally:
+        await client.close()
