@@ -44,6 +44,9 @@ from zrpc.tls import TlsConfig, zrpc_home
 __all__ = ["Broker", "BrokerConfig", "StartupError"]
 
 log = logging.getLogger("zrpc.broker")
+#: Seconds (at least one liveness period) a worker declared dead may stay silent before it is
+#: killed and replaced.
+HUNG_GRACE_S = 5.0
 
 
 class StartupError(Exception):
@@ -363,10 +366,21 @@ class Broker:
             await asyncio.sleep(interval)  # the heartbeat period itself
             for w in self.registry.expired(loop.time()):
                 self._worker_dead(w, f"worker for shard {w.shard} stopped answering heartbeats")
-                if self.supervisor is not None:  # hung (stopped, deadlocked): replace it
-                    self._tasks.append(loop.create_task(self.supervisor.kill_hung(w.pid)))
+                if self.supervisor is not None:
+                    self._tasks.append(loop.create_task(self._replace_if_hung(w)))
             for identity in list(self.registry.by_identity):
                 self._send([identity, wire.HEARTBEAT])
+
+    async def _replace_if_hung(self, w: WorkerInfo) -> None:
+        """A worker declared dead that stays silent is hung (stopped, deadlocked): replace it.
+
+        A merely slow one (a long handler, a disk stall) registers again within the grace.
+        """
+        assert self.supervisor is not None
+        await asyncio.sleep(max(self.registry.ttl, HUNG_GRACE_S))  # the grace period itself
+        if self.stopping or any(x.pid == w.pid for x in self.registry.by_identity.values()):
+            return
+        await self.supervisor.kill_hung(w.pid)
 
     def _give_up(self, reason: str) -> None:
         """A worker cannot start and restarting will not help: the broker stops with the reason."""

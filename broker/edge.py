@@ -21,7 +21,6 @@ key must be read.
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import logging
 import math
@@ -34,6 +33,7 @@ from cluster.sharding import shard_for
 from cluster.wire import trust_principal
 from zrpc.codec import decompress
 from zrpc.limits import CLOSE_LINGER_S, IdleTimer, admit_connection, peer_name
+from zrpc.outbox import Final, Outbox, buffer_full
 from zrpc.protocol.connection import Connection, Role, Settings
 from zrpc.protocol.events import (
     ConnectionTerminated,
@@ -56,13 +56,13 @@ if TYPE_CHECKING:
     from zrpc.config import ServerConfig
     from zrpc.dispatch import Authenticator
     from zrpc.fanout import FanOut
-    from zrpc.limits import IpCounter
+    from zrpc.outbox import Final, Outbox, buffer_full
+from zrpc.limits import IpCounter
 
 __all__ = ["SHARD_KEY_HEADER", "EdgeHost", "EdgeProtocol", "EdgeSession", "Relay", "Upstream"]
 
 log = logging.getLogger("zrpc.broker.edge")
 SHARD_KEY_HEADER = "zrpc-shard-key"
-_END = object()  # marker in a relay's inbound queue: the client half-closed
 
 
 #: Largest request (after inflating) the broker's own methods (Health/Check...) accept.
@@ -140,8 +140,9 @@ class Relay:
         self.key_field = key_field
         self.up: Upstream | None = None
         self.up_sid = 0
-        self.inbound: collections.deque[Any] = collections.deque()
-        self.outbox: collections.deque[tuple[bytes, bool, int]] = collections.deque()
+        self.inbound: Outbox | None = None  # to the worker, once the stream is open there
+        self.outbox = Outbox(edge.conn, sid, on_ack=self._ack_upstream, on_final=self._status_sent,
+                             on_error=self._cannot_deliver)
         self.topics: list[str] = []
         self.client_ended = False
         self.done = False
@@ -173,13 +174,9 @@ class Relay:
                 return
         if end:
             self.client_ended = True
-        up = self.up
-        if not self.inbound and up.conn.streams.get(self.up_sid) is not None and up.conn.send_credit(self.up_sid) > 0:
-            up.conn.send_message(self.up_sid, payload, compressed=compressed, end_stream=end)
-            self.edge.conn.acknowledge(self.sid, len(payload))
-            self.edge.dirty(up)
-        else:
-            self.inbound.append((payload, compressed, end))
+        assert self.inbound is not None
+        self.inbound.put(payload, compressed, end, len(payload))
+        self.edge.dirty(self.up)
 
     def client_end(self) -> None:
         if self.client_ended:
@@ -194,85 +191,58 @@ class Relay:
             self.edge.route(self, None, False)
             if self.up is None:
                 return
-        if self.inbound:
-            self.inbound.append(_END)
-        elif self.up_sid in self.up.conn.streams:
-            self.up.conn.end_stream(self.up_sid)
-            self.edge.dirty(self.up)
+        assert self.inbound is not None
+        self.inbound.put_end()
+        self.edge.dirty(self.up)
 
     def upstream_credit(self) -> None:
-        up = self.up
-        if up is None:
-            return
-        conn = up.conn
-        inbound = self.inbound
-        while inbound and self.up_sid in conn.streams:
-            item = inbound[0]
-            if item is _END:
-                inbound.popleft()
-                conn.end_stream(self.up_sid)
-                continue
-            if conn.send_credit(self.up_sid) <= 0:
-                break
-            payload, compressed, end = inbound.popleft()
-            conn.send_message(self.up_sid, payload, compressed=compressed, end_stream=end)
-            self.edge.conn.acknowledge(self.sid, len(payload))
-        self.edge.dirty(up)
+        if self.up is not None and self.inbound is not None:
+            self.inbound.drain()
+            self.edge.dirty(self.up)
+
+    def attach_upstream(self, up: Upstream, up_sid: int) -> None:
+        """The stream is open on ``up``: what the client sends now queues for its credit there."""
+        self.up = up
+        self.up_sid = up_sid
+        up.relays[up_sid] = self
+        self.inbound = Outbox(up.conn, up_sid, on_ack=self._ack_client, on_error=self._cannot_forward)
+
+    def _ack_client(self, n: int) -> None:
+        """Bytes forwarded to the worker: the client may send as many again."""
+        self.edge.conn.acknowledge(self.sid, n)
+
+    def _cannot_forward(self, exc: RpcError) -> None:
+        self.fail(exc.status, f"{exc.message}: the worker cannot take it")
 
     # ---------------------------------------------------- worker -> client
     def to_client(self, payload: bytes, compressed: bool, ack: int) -> None:
-        edge = self.edge
-        conn = edge.conn
-        why = conn.oversize(len(payload))
-        if why is not None:  # never skip it silently: the client would miss a message
-            if ack and self.up is not None:
-                self.up.conn.acknowledge(self.up_sid, ack)
-                edge.dirty(self.up)
-            self.fail(Status.RESOURCE_EXHAUSTED, f"{why}; raise the client's max_message_size")
-            return
-        if not self.outbox and conn.streams.get(self.sid) is not None and conn.send_credit(self.sid) > 0:
-            conn.send_message(self.sid, payload, compressed=compressed)
-            if ack and self.up is not None:
-                self.up.conn.acknowledge(self.up_sid, ack)
-                edge.dirty(self.up)
-            edge.schedule_flush()
-        else:
-            self.outbox.append((payload, compressed, ack))
-            edge.block(self)
+        if not self.outbox.put(payload, compressed, False, ack):
+            self.edge.block(self)
+        self.edge.schedule_flush()
+
+    def _ack_upstream(self, n: int) -> None:
+        """Bytes written to the client: the worker may send as many again."""
+        up = self.up
+        if up is not None:
+            up.conn.acknowledge(self.up_sid, n)
+            self.edge.dirty(up)
+
+    def _cannot_deliver(self, exc: RpcError) -> None:
+        # never skip a message silently: the client would miss it
+        self.fail(exc.status, f"{exc.message}; raise the client's max_message_size")
 
     def credit_arrived(self) -> None:
         """The client granted credit: drain the outbox (called by SessionBase)."""
         edge = self.edge
-        conn = edge.conn
-        outbox = self.outbox
-        acked = 0
-        while outbox and self.sid in conn.streams and conn.send_credit(self.sid) > 0:
-            payload, compressed, ack = outbox.popleft()
-            if ack < 0:  # a final status waiting behind messages
-                self._send_status(payload)
-                return
-            conn.send_message(self.sid, payload, compressed=compressed)
-            acked += ack
-        if acked and self.up is not None:
-            self.up.conn.acknowledge(self.up_sid, acked)
-            edge.dirty(self.up)
-        edge.schedule_flush()
-        if not outbox:
+        if self.outbox.drain():
             edge.unblock(self)
+        edge.schedule_flush()
 
     def status_to_client(self, code: int, message: str, details: Any) -> None:
-        encoded = msgpack.packb([code, message, details])
-        if self.outbox:
-            self.outbox.append((encoded, False, -1))
-        else:
-            self._send_status(encoded)
+        self.outbox.put_status(code, message, details)
+        self.edge.schedule_flush()
 
-    def _send_status(self, encoded: bytes) -> None:
-        code, message, details = msgpack.unpackb(encoded)
-        conn = self.edge.conn
-        if self.sid in conn.streams:
-            conn.send_status(self.sid, code, message, details)
-            self.edge.schedule_flush()
+    def _status_sent(self, final: Final) -> None:
         self.finish(cancel_upstream=False)
 
     def fail(self, code: Status, message: str, *, cancel_upstream: bool = True) -> None:
@@ -310,9 +280,7 @@ class Relay:
         if self.done:
             return False
         if len(self.outbox) >= self.edge.max_outbox:
-            self.fail(Status.RESOURCE_EXHAUSTED,
-                      f"stream buffer full ({self.edge.max_outbox} messages waiting for the client); "
-                      "the client is too slow: resume from your last id")
+            self.fail(Status.RESOURCE_EXHAUSTED, buffer_full(self.edge.max_outbox))
             return False
         self.to_client(payload, False, 0)
         return True
@@ -359,29 +327,29 @@ class EdgeSession(SessionBase):
             trace_events(events)
         relays = self.relays
         for ev in events:
-            t = type(ev)
-            if t is MessageReceived:
-                relay = relays.get(ev.stream_id)  # type: ignore[attr-defined]
-                if relay is not None:
-                    relay.from_client(ev.payload, ev.compressed, ev.end_stream)  # type: ignore[attr-defined]
-            elif t is WindowUpdated:
-                self.window_updated(ev.stream_id)  # type: ignore[attr-defined]
-            elif t is StreamOpened:
-                self._open(ev)  # type: ignore[arg-type]
-            elif t is StreamEnded:
-                relay = relays.get(ev.stream_id)  # type: ignore[attr-defined]
-                if relay is not None:
-                    relay.client_end()
-            elif t is StreamReset:
-                relay = relays.get(ev.stream_id)  # type: ignore[attr-defined]
-                if relay is not None:
-                    relay.finish(cancel_upstream=True, code=ev.code, message=ev.message)  # type: ignore[attr-defined]
-            elif t is HelloReceived:
-                if not self._hello(ev.settings):  # type: ignore[attr-defined]
+            match ev:
+                case MessageReceived():
+                    relay = relays.get(ev.stream_id)
+                    if relay is not None:
+                        relay.from_client(ev.payload, ev.compressed, ev.end_stream)
+                case WindowUpdated():
+                    self.window_updated(ev.stream_id)
+                case StreamOpened():
+                    self._open(ev)
+                case StreamEnded():
+                    relay = relays.get(ev.stream_id)
+                    if relay is not None:
+                        relay.client_end()
+                case StreamReset():
+                    relay = relays.get(ev.stream_id)
+                    if relay is not None:
+                        relay.finish(cancel_upstream=True, code=ev.code, message=ev.message)
+                case HelloReceived():
+                    if not self._hello(ev.settings):
+                        return
+                case ConnectionTerminated():
+                    self.terminate(ev.code, ev.message)
                     return
-            elif t is ConnectionTerminated:
-                self.terminate(ev.code, ev.message)  # type: ignore[attr-defined]
-                return
         self.flush()
 
     def _hello(self, settings: dict[str, Any]) -> bool:
@@ -487,12 +455,11 @@ class EdgeSession(SessionBase):
                 worker, dataclasses.replace(self.up_settings, max_message_size=limit))
             up.conn.send_hello({"principal": self.identity, "claims": self.claims, "peer": self.peer})
         try:
-            relay.up_sid = up.conn.open_stream(relay.method, relay.metadata, relay.remaining_ms())
+            up_sid = up.conn.open_stream(relay.method, relay.metadata, relay.remaining_ms())
         except RpcError as exc:
             relay.fail(exc.status, exc.message, cancel_upstream=False)
             return
-        relay.up = up
-        up.relays[relay.up_sid] = relay
+        relay.attach_upstream(up, up_sid)
         self.dirty(up)
 
     # ------------------------------------------------------------- worker
@@ -514,33 +481,31 @@ class EdgeSession(SessionBase):
         if up is None:
             return
         for ev in up.conn.receive_data(frames):
-            t = type(ev)
-            if t is MessageReceived:
-                relay = up.relays.get(ev.stream_id)  # type: ignore[attr-defined]
-                if relay is not None:
-                    relay.to_client(ev.payload, ev.compressed, len(ev.payload))  # type: ignore[attr-defined]
-                else:
-                    up.conn.acknowledge(ev.stream_id, len(ev.payload))  # type: ignore[attr-defined]
-            elif t is StatusReceived:
-                relay = up.relays.get(ev.stream_id)  # type: ignore[attr-defined]
-                if relay is not None:
-                    self.broker.metrics.call_done(relay.method, ev.code)  # type: ignore[attr-defined]
-                    relay.status_to_client(ev.code, ev.message, ev.details)  # type: ignore[attr-defined]
-            elif t is WindowUpdated:
-                sid = ev.stream_id  # type: ignore[attr-defined]
-                targets = list(up.relays.values()) if sid == 0 else [up.relays.get(sid)]
-                for relay in targets:
+            match ev:
+                case MessageReceived():
+                    relay = up.relays.get(ev.stream_id)
                     if relay is not None:
-                        relay.upstream_credit()
-            elif t is StreamReset:
-                relay = up.relays.get(ev.stream_id)  # type: ignore[attr-defined]
-                if relay is not None:
-                    relay.fail(Status.coerce(ev.code), ev.message, cancel_upstream=False)  # type: ignore[attr-defined]
-            elif t is HelloReceived:
-                pass
-            elif t in (GoAwayReceived, ConnectionTerminated):
-                self.worker_lost(identity, f"worker closed the connection: {getattr(ev, 'message', '')}")
-                return
+                        relay.to_client(ev.payload, ev.compressed, len(ev.payload))
+                    else:
+                        up.conn.acknowledge(ev.stream_id, len(ev.payload))
+                case StatusReceived():
+                    relay = up.relays.get(ev.stream_id)
+                    if relay is not None:
+                        self.broker.metrics.call_done(relay.method, ev.code)
+                        relay.status_to_client(ev.code, ev.message, ev.details)
+                case WindowUpdated():
+                    sid = ev.stream_id
+                    targets = list(up.relays.values()) if sid == 0 else [up.relays.get(sid)]
+                    for relay in targets:
+                        if relay is not None:
+                            relay.upstream_credit()
+                case StreamReset():
+                    relay = up.relays.get(ev.stream_id)
+                    if relay is not None:
+                        relay.fail(Status.coerce(ev.code), ev.message, cancel_upstream=False)
+                case GoAwayReceived() | ConnectionTerminated():
+                    self.worker_lost(identity, f"worker closed the connection: {ev.message}")
+                    return
         self.dirty(up)
 
     def attach(self, identity: bytes, up_sid: int, topic: str, after_seq: int) -> None:

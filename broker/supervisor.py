@@ -13,8 +13,10 @@ A worker that fails the same way at start-up (same exit status, before it
 registered) :data:`GIVE_UP_AFTER` times in a row cannot heal by restarting
 (a bad ``--app``, a refused setting): the supervisor stops and calls
 ``on_give_up`` with the reason, the last line the worker wrote to stderr.
-A worker that stopped answering (:meth:`Supervisor.kill_hung`) gets SIGTERM,
-then SIGKILL after :data:`KILL_GRACE_S`, and is restarted like any other.
+A hung worker (silent past its liveness and a grace, see
+:meth:`broker.broker.Broker`) gets SIGTERM, then SIGKILL after
+:data:`KILL_GRACE_S` (:meth:`Supervisor.kill_hung`), and is restarted like
+any other.
 """
 
 from __future__ import annotations

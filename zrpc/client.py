@@ -150,29 +150,30 @@ class ClientSession(SessionBase):
         if self.debug:
             trace_events(events)
         for ev in events:
-            if isinstance(ev, MessageReceived):
-                call = self.calls.get(ev.stream_id)
-                if call is not None:
-                    call.io.feed(ev.payload, ev.compressed)
-            elif isinstance(ev, StatusReceived):
-                call = self.calls.get(ev.stream_id)
-                if call is not None:
-                    call.finish(ev.code, ev.message, ev.details)
-            elif isinstance(ev, WindowUpdated):
-                self.window_updated(ev.stream_id)
-            elif isinstance(ev, StreamReset):
-                call = self.calls.get(ev.stream_id)
-                if call is not None:
-                    call.finish(ev.code, ev.message)
-            elif isinstance(ev, HelloReceived):
-                if not self.hello.done():
-                    self.hello.set_result(ev.settings)
-                    self.start_keepalive()
-            elif isinstance(ev, GoAwayReceived):
-                self._goaway(ev)
-            elif isinstance(ev, ConnectionTerminated):
-                self.terminate(ev.code, ev.message)
-                return
+            match ev:
+                case MessageReceived():
+                    call = self.calls.get(ev.stream_id)
+                    if call is not None:
+                        call.io.feed(ev.payload, ev.compressed)
+                case StatusReceived():
+                    call = self.calls.get(ev.stream_id)
+                    if call is not None:
+                        call.finish(ev.code, ev.message, ev.details)
+                case WindowUpdated():
+                    self.window_updated(ev.stream_id)
+                case StreamReset():
+                    call = self.calls.get(ev.stream_id)
+                    if call is not None:
+                        call.finish(ev.code, ev.message)
+                case HelloReceived():
+                    if not self.hello.done():
+                        self.hello.set_result(ev.settings)
+                        self.start_keepalive()
+                case GoAwayReceived():
+                    self._goaway(ev)
+                case ConnectionTerminated():
+                    self.terminate(ev.code, ev.message)
+                    return
         self.flush()
 
     def _goaway(self, ev: GoAwayReceived) -> None:

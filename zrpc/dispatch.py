@@ -244,28 +244,29 @@ class ServerSession(SessionBase):
         if self.debug:
             trace_events(events)
         for ev in events:
-            if type(ev) is MessageReceived:
-                call = self.calls.get(ev.stream_id)
-                if call is not None:
-                    call.io.feed(ev.payload, ev.compressed)
-            elif type(ev) is WindowUpdated:
-                self.window_updated(ev.stream_id)
-            elif type(ev) is StreamOpened:
-                self._open(ev)
-            elif type(ev) is StreamEnded:
-                call = self.calls.get(ev.stream_id)
-                if call is not None:
-                    call.io.feed_end()
-            elif type(ev) is StreamReset:
-                call = self.calls.get(ev.stream_id)
-                if call is not None:
-                    call.peer_reset(ev.code, ev.message)
-            elif type(ev) is HelloReceived:
-                if not self._hello(ev.settings):
+            match ev:
+                case MessageReceived():
+                    call = self.calls.get(ev.stream_id)
+                    if call is not None:
+                        call.io.feed(ev.payload, ev.compressed)
+                case WindowUpdated():
+                    self.window_updated(ev.stream_id)
+                case StreamOpened():
+                    self._open(ev)
+                case StreamEnded():
+                    call = self.calls.get(ev.stream_id)
+                    if call is not None:
+                        call.io.feed_end()
+                case StreamReset():
+                    call = self.calls.get(ev.stream_id)
+                    if call is not None:
+                        call.peer_reset(ev.code, ev.message)
+                case HelloReceived():
+                    if not self._hello(ev.settings):
+                        return
+                case ConnectionTerminated():
+                    self.terminate(ev.code, ev.message)
                     return
-            elif type(ev) is ConnectionTerminated:
-                self.terminate(ev.code, ev.message)
-                return
         self.flush()
 
     def _hello(self, settings: dict[str, Any]) -> bool:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from zrpc.codec import decompress
+from zrpc.outbox import Outbox, buffer_full
 from zrpc.protocol.connection import Connection
 from zrpc.protocol.events import ConnectionTerminated, Event
 from zrpc.protocol.frames import FrameType
@@ -187,7 +188,7 @@ class StreamIO:
         self._credit: asyncio.Future[None] | None = None
         self._ended = False
         self._error: RpcError | None = None
-        self._outbox: collections.deque[bytes] = collections.deque()
+        self._outbox = Outbox(session.conn, sid, on_error=self._undeliverable)
         self.max_outbox = max_outbox
         #: ends the stream with a status when a pushed event cannot be delivered
         self.on_abort: Callable[[Status, str], None] | None = None
@@ -276,23 +277,18 @@ class StreamIO:
         """
         if self._error is not None:
             return False
-        conn = self.session.conn
-        why = conn.oversize(len(payload))
-        if why is not None:
-            self._abort(Status.RESOURCE_EXHAUSTED, f"{why}; raise the client's max_message_size")
+        outbox = self._outbox
+        if len(outbox) >= self.max_outbox:
+            self._abort(Status.RESOURCE_EXHAUSTED, buffer_full(self.max_outbox))
             return False
-        if not self._outbox and conn.streams.get(self.sid) is not None and conn.send_credit(self.sid) > 0:
-            conn.send_message(self.sid, payload)
+        if not outbox.put(payload):
+            self.session.block(self)
+        else:
             self.session.schedule_flush()
-            return True
-        if len(self._outbox) >= self.max_outbox:
-            self._abort(Status.RESOURCE_EXHAUSTED,
-                        f"stream buffer full ({self.max_outbox} messages waiting for the client); "
-                        "the client is too slow: resume from your last id")
-            return False
-        self._outbox.append(payload)
-        self.session.block(self)
-        return True
+        return self._error is None
+
+    def _undeliverable(self, exc: RpcError) -> None:
+        self._abort(exc.status, f"{exc.message}; raise the client's max_message_size")
 
     def _abort(self, code: Status, message: str) -> None:
         if self.on_abort is not None:
@@ -301,15 +297,10 @@ class StreamIO:
             self.fail(RpcError(code, message))
 
     def credit_arrived(self) -> None:
-        outbox = self._outbox
-        conn = self.session.conn
-        if outbox:
-            if self.sid not in conn.streams:
-                outbox.clear()
-            while outbox and conn.send_credit(self.sid) > 0:
-                conn.send_message(self.sid, outbox.popleft())
+        if self._outbox:
+            done = self._outbox.drain()
             self.session.schedule_flush()
-            if outbox:
+            if not done:
                 return
         self.session.unblock(self)
         c = self._credit
