@@ -23,6 +23,7 @@ from typing import Any
 import msgpack
 import zmq
 
+from broker.activity import Activity
 from broker.edge import EdgeProtocol, EdgeSession
 from broker.metrics import BrokerMetrics
 from broker.registry import Refusal, WorkerInfo, WorkerRegistry
@@ -83,6 +84,7 @@ class BrokerConfig:
     app: str = DEFAULT_APP                    # module:function the spawned workers serve
     app_options: dict[str, Any] = field(default_factory=dict)  # passed to the app (chat rate limits)
     store: str = ""                           # history store URL for the workers ("" = data_dir)
+    log_summary_interval_s: float = 60.0      # the INFO activity line (broker/activity.py); 0: off
 
     def worker_config(self, shard: int, router: str, runtime_dir: str, data_dir: str) -> WorkerConfig:
         """What a worker this broker spawns for ``shard`` is given (``zrpc-worker --config``)."""
@@ -115,7 +117,7 @@ class Broker:
         interval = self.config.heartbeat_ms / 1000
         self.registry = WorkerRegistry(self.shards, interval, self.config.liveness)
         self.fanout = FanOut(on_gap=self._gap, on_empty=self.unsubscribe)
-        self.metrics = BrokerMetrics()
+        self.metrics = BrokerMetrics(Activity(log, self.config.log_summary_interval_s))
         self._bus_events = self.metrics.bus_events.inc
         self._from_workers = self.metrics.frames_from_workers.inc
         self._to_workers = self.metrics.frames_to_workers.inc
@@ -145,8 +147,15 @@ class Broker:
 
     # ------------------------------------------------------------ builtins
     def _health(self, request: Any) -> dict[str, Any]:
-        ok = self.registry.all_shards_owned() and not self.stopping
-        return {"status": "SERVING" if ok else "NOT_SERVING"}
+        """SERVING, or NOT_SERVING with ``reason`` (and ``missing_shards``: shards with no live worker)."""
+        missing = [k for k in range(self.shards) if self.registry.for_shard(k) is None]
+        if self.stopping:
+            return {"status": "NOT_SERVING", "reason": "the broker is shutting down"}
+        if missing:
+            return {"status": "NOT_SERVING", "missing_shards": missing,
+                    "reason": f"no live worker for shard(s) {', '.join(map(str, missing))} "
+                              f"of {self.shards}"}
+        return {"status": "SERVING"}
 
     def _reflection(self, request: Any) -> dict[str, Any]:
         methods = [{"name": n, "kind": "unary", "shard_key": None, "request": "dict", "response": "dict"}
@@ -186,6 +195,8 @@ class Broker:
         self._router_reader = SocketReader(self.router, self._on_worker)
         self._sub_reader = SocketReader(self.sub, self._on_bus)
         self._tasks.append(loop.create_task(self._heartbeat()))
+        self._tasks.append(loop.create_task(self.metrics.activity.run(
+            lambda: len(self.sessions) - len(self.internal))))
         tls = cfg.tls if cfg.tls is not None else TlsConfig.development()
         with _startup_step("--cert", tls.cert_file):
             ctx = tls.server_context()
@@ -212,6 +223,7 @@ class Broker:
                               connections=lambda: len(self.sessions))
             with _startup_step("--metrics-port", cfg.metrics_port):
                 self.metrics.serve(cfg.metrics_port)
+            log.info("metrics on http://127.0.0.1:%d/metrics", cfg.metrics_port)
         if cfg.workers > 0:
             data_dir = cfg.data_dir or str(zrpc_home() / "data")
             Path(data_dir).mkdir(parents=True, exist_ok=True)

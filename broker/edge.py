@@ -243,7 +243,7 @@ class Relay:
         self.edge.schedule_flush()
 
     def _status_sent(self, final: Final) -> None:
-        self.finish(cancel_upstream=False)
+        self.finish(cancel_upstream=False, code=final.code, message=final.message)
 
     def fail(self, code: Status, message: str, *, cancel_upstream: bool = True) -> None:
         """End the stream now (outbox dropped) with a status to the client."""
@@ -262,7 +262,9 @@ class Relay:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        edge.broker.metrics.latency.labels(self.method).observe(edge.loop.time() - self.started)
+        metrics = edge.broker.metrics
+        metrics.latency.labels(self.method).observe(edge.loop.time() - self.started)
+        metrics.call_done(self.method, code, message)  # every relayed or local call, cancelled too
         edge.relays.pop(self.sid, None)
         edge.unblock(self)
         up = self.up
@@ -491,7 +493,6 @@ class EdgeSession(SessionBase):
                 case StatusReceived():
                     relay = up.relays.get(ev.stream_id)
                     if relay is not None:
-                        self.broker.metrics.call_done(relay.method, ev.code)
                         relay.status_to_client(ev.code, ev.message, ev.details)
                 case WindowUpdated():
                     sid = ev.stream_id
@@ -528,6 +529,8 @@ class EdgeSession(SessionBase):
 
     # ------------------------------------------------------------ closing
     def on_closed(self, error: RpcError) -> None:
+        if self.internal_worker is None:
+            self.broker.metrics.activity.connection_closed(self.peer, error.status, error.message)
         self.flush()  # frames the client sent before it went away still reach the workers, before X
         for relay in list(self.relays.values()):
             relay.finish(cancel_upstream=False)
@@ -565,6 +568,7 @@ class EdgeProtocol(asyncio.Protocol):
             s.identity = peer_identity(ssl_obj)
         self.session = s
         broker.sessions[s.cid] = s
+        broker.metrics.activity.connection_opened(peer)
         self._timer = s.loop.call_later(cfg.handshake_timeout_ms / 1000, self._expired)
         if cfg.idle_timeout_ms:
             self._idle = IdleTimer(s, cfg.idle_timeout_ms)

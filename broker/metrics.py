@@ -1,16 +1,23 @@
 """Prometheus metrics of the broker (served with ``--metrics-port``).
 
 Counters are updated per call and per read/write batch, never per fan-out
-delivery (those are summed by the fan-out and exported on scrape).
+delivery (those are summed by the fan-out and read on scrape, exported as
+counters by :class:`_FanOutCollector`). Every metric is listed in
+docs/operations.md. Each finished call also goes to the INFO activity log
+(:mod:`broker.activity`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
+from broker.activity import Activity
 from zrpc.status import Status
 
 if TYPE_CHECKING:
@@ -19,8 +26,26 @@ if TYPE_CHECKING:
 __all__ = ["BrokerMetrics"]
 
 
+class _FanOutCollector(Collector):
+    """The fan-out's running sums, read on scrape, exported as counters."""
+
+    def __init__(self, fan: FanOut) -> None:
+        self.fan = fan
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        fan = self.fan
+        yield CounterMetricFamily("zrpc_fanout_deliveries", "Events delivered to attached streams",
+                                  value=fan.deliveries)
+        yield CounterMetricFamily("zrpc_fanout_gaps", "Sequence gaps detected on the bus", value=fan.gaps)
+        yield CounterMetricFamily("zrpc_fanout_repairs", "Gaps repaired from the owning shard",
+                                  value=fan.repairs)
+
+
 class BrokerMetrics:
-    def __init__(self) -> None:
+    """The broker's Prometheus registry (see docs/operations.md for every metric)."""
+
+    def __init__(self, activity: Activity | None = None) -> None:
+        self.activity = activity if activity is not None else Activity(logging.getLogger("zrpc.broker"))
         self.registry = CollectorRegistry()
         r = self.registry
         self.connections = Gauge("zrpc_connections", "Open client connections", registry=r)
@@ -30,22 +55,19 @@ class BrokerMetrics:
         self.bytes_out = Counter("zrpc_bytes_sent_total", "Bytes sent to clients", registry=r)
         self.frames_to_workers = Counter("zrpc_worker_messages_sent_total", "ZeroMQ messages sent to workers", registry=r)
         self.frames_from_workers = Counter("zrpc_worker_messages_received_total", "ZeroMQ messages from workers", registry=r)
-        self.fanout_deliveries = Gauge("zrpc_fanout_deliveries", "Events delivered to attached streams", registry=r)
-        self.fanout_gaps = Gauge("zrpc_fanout_gaps", "Sequence gaps detected on the bus", registry=r)
-        self.fanout_repairs = Gauge("zrpc_fanout_repairs", "Gaps repaired from the owning shard", registry=r)
         self.bus_events = Counter("zrpc_bus_events_total", "Events received from the bus", registry=r)
         self.workers_live = Gauge("zrpc_workers_live", "Workers registered and alive", registry=r)
         self.worker_deaths = Counter("zrpc_worker_deaths_total", "Workers lost (exit or heartbeat expiry)", registry=r)
         self.latency = Histogram("zrpc_call_seconds", "Call latency from OPEN to STATUS", ["method"], registry=r)
 
-    def call_done(self, method: str, code: int) -> None:
-        self.calls.labels(method, Status.coerce(code).name).inc()
+    def call_done(self, method: str, code: int, message: str = "") -> None:
+        status = Status.coerce(code)
+        self.calls.labels(method, status.name).inc()
+        self.activity.call_done(method, status, message)
 
     def bind(self, fan: FanOut, *, live_workers: Callable[[], int], connections: Callable[[], int]) -> None:
         """Export what is read on scrape: the fan-out's sums and two live counts."""
-        self.fanout_deliveries.set_function(lambda: fan.deliveries)
-        self.fanout_gaps.set_function(lambda: fan.gaps)
-        self.fanout_repairs.set_function(lambda: fan.repairs)
+        self.registry.register(_FanOutCollector(fan))
         self.workers_live.set_function(live_workers)
         self.connections.set_function(connections)
 

@@ -126,6 +126,10 @@ def _authenticator(secret: str | None, public_key_file: str | None, audience: st
 @click.option("--app", "app_ref", default=None, envvar="ZRPC_APP",
               help="module:function the workers serve (default: the chat service).")
 @click.option("--log-level", type=LOG_LEVELS, default="INFO", show_default=True, envvar="ZRPC_LOG_LEVEL")
+@click.option("--log-summary-interval", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              envvar="ZRPC_LOG_SUMMARY_INTERVAL", metavar="SECONDS",
+              help="Log one INFO line of activity (connections, calls, errors by status) this often "
+                   "when there was any; 0 turns it off.")
 @click.option("--debug-frames", is_flag=True, envvar="ZRPC_DEBUG_FRAMES",
               help="Trace every frame at DEBUG level (enable_debug_logging).")
 @click.option("--web-port", type=click.IntRange(0, 65535), default=None, envvar="ZRPC_WEB_PORT",
@@ -146,7 +150,8 @@ def start(listen: str, quic_listen: str | None, workers: int, shards: int | None
           auth_issuer: str | None, auth_leeway: float, chat_rate_per_s: float | None,
           chat_rate_burst: int | None, max_message_size: int, max_buffered_messages: int,
           stream_window: int, grace: float, metrics_port: int | None,
-          app_ref: str | None, log_level: str, debug_frames: bool, web_port: int | None,
+          app_ref: str | None, log_level: str, log_summary_interval: float, debug_frames: bool,
+          web_port: int | None,
           web_origins: tuple[str, ...], ready_file: str | None) -> None:
     """Start the broker and its shard workers; runs until SIGTERM/SIGINT.
 
@@ -184,7 +189,8 @@ def start(listen: str, quic_listen: str | None, workers: int, shards: int | None
                           liveness=liveness, server=server, metrics_port=metrics_port,
                           web_port=web_port, web_origins=tuple(web_origins),
                           log_level=log_level, app=app_ref or DEFAULT_APP, app_options=app_options,
-                          store=store or "")
+                          store=store or "",
+                          log_summary_interval_s=log_summary_interval)
 
     async def run() -> str | None:
         broker = Broker(config)
@@ -236,6 +242,7 @@ def start(listen: str, quic_listen: str | None, workers: int, shards: int | None
         ready.cancel()
         log.info("shutting down (grace %.1fs)", grace)
         await broker.shutdown(0 if broker.fatal else grace)
+        log.info("stopped")
         return broker.fatal
 
     tune_gc()

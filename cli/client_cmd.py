@@ -781,8 +781,9 @@ def list_methods() -> None:
 def health() -> None:
     """Check the server's health.
 
-    Exits 0 when the server answers SERVING, 1 when it answers anything
-    else, 3 when it cannot be reached.
+    Prints SERVING, or NOT_SERVING with the reason (e.g. the shards that have
+    no live worker). Exits 0 when the server answers SERVING, 1 when it
+    answers anything else, 3 when it cannot be reached.
     """
 
     async def work(s: Settings) -> int:
@@ -793,7 +794,9 @@ def health() -> None:
         if s.out.json_mode:
             s.out.json(resp)
         else:
-            s.out.line(s.out.style(status, fg="green" if status == "SERVING" else "red", bold=True))
+            reason = resp.get("reason") if isinstance(resp, dict) else None
+            s.out.line(s.out.style(status, fg="green" if status == "SERVING" else "red", bold=True)
+                       + (f": {reason}" if reason else ""))
         return 0 if status == "SERVING" else 1
 
     _run(work)

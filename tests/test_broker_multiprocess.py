@@ -323,7 +323,7 @@ def test_metrics_endpoint_counts_calls_bytes_and_fanout(tmp_path: Path, transpor
                   for line in text.splitlines() if line and not line.startswith("#")}
         assert values['zrpc_calls_total{method="Echo/Say",status="OK"}'] == 3
         assert values['zrpc_call_seconds_count{method="Echo/Say"}'] == 3
-        assert values["zrpc_fanout_deliveries"] == 4
+        assert values["zrpc_fanout_deliveries_total"] == 4
         assert values["zrpc_workers_live"] == 2
         assert values["zrpc_bytes_received_total"] > 0 and values["zrpc_bytes_sent_total"] > 0
         assert values["zrpc_worker_messages_sent_total"] > 0 and values["zrpc_bus_events_total"] == 4

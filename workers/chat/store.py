@@ -55,6 +55,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from zrpc.ratelog import RateLimitedLog
+
 __all__ = ["FencedError", "MessageStore", "StoreConfig", "StoredMessage", "open_store"]
 
 log = logging.getLogger("zrpc.chat.store")
@@ -204,6 +206,7 @@ class MessageStore:
         self._thread: threading.Thread | None = None
         self._key_rooms: set[str] = set()  # rooms given keys since the last prune (writer)
         self._pruned_at = time.monotonic()
+        self._failures = RateLimitedLog(log, 10.0)  # a full disk fails every batch: bounded log
 
     def _start_writer(self) -> None:
         """Open the writer's connection here (errors surface to the caller) and start it."""
@@ -328,6 +331,9 @@ class MessageStore:
                     conn = self._write(conn, [m for m, _, _ in batch])
                 except Exception as exc:
                     error = exc
+                    self._failures.log(type(exc).__name__, logging.ERROR,
+                                       "commit of %d message(s) failed (the senders get an error): %s",
+                                       len(batch), exc)
                 else:
                     self.commits += 1
                     self.committed_rows += len(batch)
