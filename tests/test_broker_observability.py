@@ -184,7 +184,7 @@ def test_failed_commit_is_logged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(store_sqlite, "_connect", small_disk)
 
     async def fill() -> BaseException:
-        store = store_mod.open_store(store_mod.StoreConfig(path=str(tmp_path / "full.sqlite")))
+        store = store_mod.open_store(store_mod.StoreConfig(url=str(tmp_path / "full.sqlite")))
         try:
             for i in range(1, 10_000):
                 await store.append(store_mod.StoredMessage("room", i, "u", "x" * 2000, i))
