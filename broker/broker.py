@@ -324,6 +324,8 @@ class Broker:
             if why is not None:
                 raise Refusal(why, fatal=True)
             old = self.registry.by_identity.get(identity)
+            shard = info.get("shard")
+            prev = self.registry.for_shard(shard) if type(shard) is int else None
             w = self.registry.register(identity, info, now)
         except (ValueError, TypeError, KeyError) as exc:
             fatal = isinstance(exc, Refusal) and exc.fatal
@@ -331,6 +333,11 @@ class Broker:
             self._send([identity, wire.REFUSED, wire.refused(str(exc), fatal=fatal)])
             return
         self._ready_changed.set()
+        if prev is not None and prev.identity != identity:  # it lost its shard lease
+            self._send([prev.identity, wire.REFUSED,
+                        wire.refused(f"superseded by lease token {w.lease}", fatal=False)])
+            self._worker_dead(prev, f"worker for shard {prev.shard} (pid {prev.pid}) was superseded "
+                                    f"by pid {w.pid} holding lease token {w.lease}")
         if old is None:
             log.info("worker pid %d registered for shard %d/%d", w.pid, w.shard, w.shards)
             if self.supervisor is not None:

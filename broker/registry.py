@@ -3,6 +3,9 @@
 Workers register READY-first with their shard; the registry maps shards to
 workers, merges the method tables they announce, and expires a worker that
 has been silent for ``liveness x interval`` (the zguide's Paranoid Pirate).
+A shard has one worker at a time: a second READY for it is refused, unless
+it carries a higher shard-lease token (``lease``, :mod:`workers.lease`) than
+the registered worker, which it then supersedes (the old one lost its lease).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class WorkerInfo:
     bus: str | None
     expiry: float
     methods: list[dict[str, Any]] = field(default_factory=list)
+    lease: int | None = None
 
 
 class WorkerRegistry:
@@ -67,12 +71,18 @@ class WorkerRegistry:
                           fatal=True)
         if not 0 <= shard < shards:
             raise Refusal(f"shard {shard} out of range 0..{shards - 1}", fatal=True)
+        lease = info.get("lease")
+        if lease is not None and type(lease) is not int:
+            raise Refusal("READY lease token must be an integer", fatal=True)
         current = self.by_shard.get(shard)
         if current is not None and current.identity != identity:  # may heal: that worker may die
-            raise Refusal(f"shard {shard} is already served by pid {current.pid}", fatal=False)
+            if lease is None or (current.lease is not None and lease <= current.lease):
+                raise Refusal(f"shard {shard} is already served by pid {current.pid}", fatal=False)
+            self.remove(current.identity)  # superseded: the caller fails its streams
         methods = info.get("methods") or []
         w = WorkerInfo(identity, shard, shards, int(info.get("pid") or 0),
-                       dict(info.get("settings") or {}), info.get("bus"), now + self.ttl, methods)
+                       dict(info.get("settings") or {}), info.get("bus"), now + self.ttl, methods,
+                       lease)
         self.by_identity[identity] = w
         self.by_shard[shard] = w
         for m in methods:

@@ -12,12 +12,14 @@ import click
 from cli.common import LOG_LEVELS, check_store_url, run_async, setup_logging, tune_gc
 from cluster.config import DEFAULT_APP, WorkerConfig
 from workers.app import load_app
-from workers.runtime import Worker
+from workers.runtime import LeaseLost, serve
 
-__all__ = ["EX_CONFIG", "main"]
+__all__ = ["EX_CONFIG", "EX_TEMPFAIL", "main"]
 
 #: Exit status of a worker whose configuration can never work (sysexits.h EX_CONFIG).
 EX_CONFIG = 78
+#: Exit status of a worker that lost its shard lease to another worker (sysexits.h EX_TEMPFAIL).
+EX_TEMPFAIL = 75
 
 
 def _default_bus(broker: str, shard: int) -> str:
@@ -73,6 +75,10 @@ def main(ctx: click.Context, config_json: str | None, shard: int | None, shards:
     on its bus. SIGTERM/SIGINT stop it cleanly (streams ended, history flushed).
     A broker that refuses this worker for a setting that must agree (shard
     count, heartbeat, message size) makes it exit with status 78 and the reason.
+
+    With a PostgreSQL --store, several workers may be started for one shard:
+    one holds the shard's lease and serves, the others wait as standbys and
+    take over when it dies. A worker that loses its lease exits with status 75.
     """
     config = _config(ctx, config_json, shard, shards, brokers, bus, data_dir, store, heartbeat_ms,
                      liveness, max_message_size, stream_window, max_buffered_messages,
@@ -90,12 +96,14 @@ def main(ctx: click.Context, config_json: str | None, shard: int | None, shards:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        worker = Worker(config, factory)
-        await worker.run(stop)
-        return worker.fatal
+        return await serve(config, factory, stop)
 
     tune_gc(young_threshold=20_000)
-    fatal = run_async(run())
+    try:
+        fatal = run_async(run())
+    except LeaseLost as exc:
+        click.echo(f"zrpc-worker: {exc}; exiting (restarted, it waits as a standby)", err=True)
+        sys.exit(EX_TEMPFAIL)
     if fatal is not None:
         click.echo(f"zrpc-worker: {fatal}", err=True)
         sys.exit(EX_CONFIG)

@@ -89,6 +89,11 @@ class WorkerConfig:
         except TypeError as exc:
             raise ValueError(f"worker config: {exc}") from None
 
+    @property
+    def store_kind(self) -> str:
+        """``"postgresql"`` for a shared store (workers take a shard lease), else ``"sqlite"``."""
+        return "postgresql" if self.store.startswith(("postgresql://", "postgres://")) else "sqlite"
+
     def agreement(self) -> dict[str, int]:
         """What READY announces of the settings that must agree with the broker."""
         return {"heartbeat_ms": self.heartbeat_ms, "liveness": self.liveness,

@@ -63,5 +63,5 @@ def chat_app(worker: Worker) -> App:
         "{shard}", str(cfg.shard))
     # --chat-rate-per-s / --chat-rate-burst of zrpc-broker or zrpc-worker
     limits = {k: v for k, v in cfg.app_options.items() if k in ("rate_per_s", "rate_burst")}
-    return ChatService(ChatConfig(store_url=store, **limits), bus=worker.bus,
+    return ChatService(ChatConfig(store_url=store, store_fence=worker.fence, **limits), bus=worker.bus,
                        owns=worker.owns, forward=forward)

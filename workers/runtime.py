@@ -10,6 +10,12 @@ A broker that stops answering heartbeats is declared dead: its sessions are
 cancelled (handlers clean up, presence is updated) and the link reconnects
 with backoff. The worker can also call methods through the broker
 (:meth:`Worker.client`), which the chat batch uses for other shards' rooms.
+
+With a shared store (PostgreSQL) :func:`serve` first waits as a standby until
+this process holds the shard's lease (:mod:`workers.lease`); only then does it
+build the app and register with the brokers, announcing its fencing token in
+READY (a broker lets a higher token supersede the registered worker). A
+worker that loses its lease stops and exits (:class:`LeaseLost`).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from zrpc.dispatch import Dispatcher, ServerCall, ServerSession
 from zrpc.service import Service
 from zrpc.status import RpcError, Status
 
-__all__ = ["App", "Worker", "WorkerConfig", "ZmqBus"]
+__all__ = ["App", "LeaseLost", "Worker", "WorkerConfig", "ZmqBus", "serve"]
 
 log = logging.getLogger("zrpc.worker")
 
@@ -195,8 +201,10 @@ class BrokerLink:
 class Worker:
     """One shard worker process (see module docstring)."""
 
-    def __init__(self, config: WorkerConfig, app_factory: Callable[[Worker], App]) -> None:
+    def __init__(self, config: WorkerConfig, app_factory: Callable[[Worker], App], *,
+                 fence: tuple[int, int] | None = None) -> None:
         self.config = config
+        self.fence = fence  # (shard, lease token) while serving a shared store
         self.zctx = zmq.Context()
         self.pub: zmq.Socket[Any] = self.zctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
@@ -216,7 +224,7 @@ class Worker:
         return {"version": wire.CLUSTER_VERSION, "shard": cfg.shard, "shards": cfg.shards,
                 "pid": os.getpid(), "methods": self.dispatcher.describe(),
                 "settings": {"version": 1, **cfg.server.settings().announce()}, "bus": cfg.bus,
-                "agree": cfg.agreement()}
+                "agree": cfg.agreement(), **({"lease": self.fence[1]} if self.fence else {})}
 
     def activity(self) -> dict[str, int]:
         return self.app.drain_activity()
@@ -273,3 +281,43 @@ class Worker:
             self.zctx.term()
 
 
+
+
+class LeaseLost(Exception):
+    """This worker lost its shard's lease (taken over, or the database unreachable)."""
+
+
+async def serve(config: WorkerConfig, app_factory: Callable[[Worker], App],
+                stop: asyncio.Event) -> str | None:
+    """Run one worker until ``stop``; returns why a broker refused it for good, if so.
+
+    With a PostgreSQL store, wait as a standby for the shard's lease first and
+    serve only while holding it; raises :class:`LeaseLost` after a clean stop
+    when it was lost.
+    """
+    if config.store_kind != "postgresql":
+        worker = Worker(config, app_factory)
+        await worker.run(stop)
+        return worker.fatal
+    from workers.lease import LeaseConfig, ShardLease
+
+    hb = config.heartbeat_ms
+    lease = ShardLease(LeaseConfig(config.store, config.shard, ttl_ms=hb * config.liveness,
+                                   renew_ms=max(1, hb // 2), poll_ms=max(1, hb // 4)))
+    token = await lease.acquire(stop)
+    if token is None:
+        return None
+    worker = Worker(config, app_factory, fence=(config.shard, token))
+    keeper = asyncio.create_task(lease.keep(stop))
+    keeper.add_done_callback(lambda _: stop.set())  # a lost lease stops the worker
+    try:
+        await worker.run(stop)
+    finally:
+        kept = await keeper
+        if kept:
+            await lease.release()  # after the last write: a standby takes over at once
+        else:
+            await lease.close()
+    if not kept:
+        raise LeaseLost(f"lost the lease of shard {config.shard} (fencing token {token})")
+    return worker.fatal
