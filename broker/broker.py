@@ -214,7 +214,7 @@ class Broker:
             with _startup_step("--quic-listen", cfg.quic_listen):
                 await self._start_quic(cfg.quic_listen, tls)
         if cfg.web_port is not None:
-            self.web = WebServer(lambda: EdgeProtocol(self), cfg.server, WebServer.context_for(ctx, tls),
+            self.web = WebServer(lambda: EdgeProtocol(self, websocket=True), cfg.server, WebServer.context_for(ctx, tls),
                                  host, cfg.web_port, cfg.web_origins)
             with _startup_step("--web-port", cfg.web_port):
                 await self.web.start()

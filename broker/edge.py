@@ -543,8 +543,9 @@ class EdgeSession(SessionBase):
 class EdgeProtocol(asyncio.Protocol):
     """asyncio glue of one client connection: admission, handshake and idle timers, linger."""
 
-    def __init__(self, broker: EdgeHost) -> None:
+    def __init__(self, broker: EdgeHost, *, websocket: bool = False) -> None:
         self.broker = broker
+        self.websocket = websocket  # carried in WebSocket messages: the TLS ALPN is http/1.1
         self.session: EdgeSession | None = None
         self.transport: Any = None
         self._timer: asyncio.TimerHandle | None = None
@@ -556,7 +557,8 @@ class EdgeProtocol(asyncio.Protocol):
         cfg = broker.server_config
         ip = admit_connection(transport, serving=not broker.stopping,
                               open_connections=len(broker.sessions) - len(broker.internal),  # clients only
-                              max_connections=cfg.max_connections, per_ip=broker.per_ip)
+                              max_connections=cfg.max_connections, per_ip=broker.per_ip,
+                              check_alpn=not self.websocket)
         if ip is None:
             return
         self.transport = transport

@@ -38,7 +38,7 @@ def main() -> None:
 
 
 def _authenticator(secret: str | None, public_key_file: str | None, audience: str | None,
-                   issuer: str | None, leeway: float) -> JwtAuthenticator | None:
+                   issuer: str | None, leeway: float, require_exp: bool = True) -> JwtAuthenticator | None:
     if secret is not None and public_key_file is not None:
         raise click.UsageError("--auth-secret and --auth-public-key are mutually exclusive")
     if secret is None and public_key_file is None:
@@ -47,11 +47,13 @@ def _authenticator(secret: str | None, public_key_file: str | None, audience: st
         return None
     try:
         if secret is not None:
-            return JwtAuthenticator(secret=secret, audience=audience, issuer=issuer, leeway=leeway)
+            return JwtAuthenticator(secret=secret, audience=audience, issuer=issuer, leeway=leeway,
+                                    require_exp=require_exp)
         assert public_key_file is not None
         with open(public_key_file, "rb") as f:
             key = f.read()
-        return JwtAuthenticator(public_key=key, audience=audience, issuer=issuer, leeway=leeway)
+        return JwtAuthenticator(public_key=key, audience=audience, issuer=issuer, leeway=leeway,
+                                require_exp=require_exp)
     except (ValueError, OSError) as exc:
         raise click.UsageError(f"authentication: {exc}") from None
 
@@ -107,6 +109,10 @@ def _authenticator(secret: str | None, public_key_file: str | None, audience: st
               help="Tokens must carry this issuer (iss).")
 @click.option("--auth-leeway", type=click.FloatRange(min=0), default=0.0, show_default=True,
               envvar="ZRPC_AUTH_LEEWAY", help="Seconds of clock skew tolerated on exp/nbf.")
+@click.option("--auth-require-exp/--auth-allow-no-exp", default=True, show_default=True,
+              envvar="ZRPC_AUTH_REQUIRE_EXP",
+              help="Refuse tokens without an expiry (exp claim); --auth-allow-no-exp accepts "
+                   "them (valid forever).")
 @click.option("--chat-rate-per-s", type=click.FloatRange(min=0), default=None,
               envvar="ZRPC_CHAT_RATE_PER_S",
               help="Messages per second each chat user may send (default 50; 0: unlimited).")
@@ -147,7 +153,8 @@ def start(listen: str, quic_listen: str | None, workers: int, shards: int | None
           require_client_cert: bool, insecure: bool, heartbeat_ms: int, liveness: int,
           max_connections: int, max_connections_per_ip: int, idle_timeout_ms: int,
           auth_secret: str | None, auth_public_key: str | None, auth_audience: str | None,
-          auth_issuer: str | None, auth_leeway: float, chat_rate_per_s: float | None,
+          auth_issuer: str | None, auth_leeway: float, auth_require_exp: bool,
+          chat_rate_per_s: float | None,
           chat_rate_burst: int | None, max_message_size: int, max_buffered_messages: int,
           stream_window: int, grace: float, metrics_port: int | None,
           app_ref: str | None, log_level: str, log_summary_interval: float, debug_frames: bool,
@@ -173,7 +180,7 @@ def start(listen: str, quic_listen: str | None, workers: int, shards: int | None
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     authenticator = _authenticator(auth_secret, auth_public_key, auth_audience, auth_issuer,
-                                   auth_leeway)
+                                   auth_leeway, auth_require_exp)
     app_options: dict[str, float | int] = {}  # handed to each worker in its WorkerConfig
     if chat_rate_per_s is not None:
         app_options["rate_per_s"] = chat_rate_per_s

@@ -121,8 +121,8 @@ def test_verify_accepts_good_tokens_and_names_what_is_wrong_with_bad_ones() -> N
     assert "not yet valid" in refused(early)
     no_sub = jwt.encode({"exp": now + 60, "aud": "zrpc", "iss": "corp"}, SECRET, algorithm="HS256")
     assert "'sub'" in refused(no_sub)
-    bad_rooms = jwt.encode({"sub": "a", "rooms": "general", "aud": "zrpc", "iss": "corp"}, SECRET,
-                           algorithm="HS256")
+    bad_rooms = jwt.encode({"sub": "a", "rooms": "general", "aud": "zrpc", "iss": "corp",
+                            "exp": now + 60}, SECRET, algorithm="HS256")
     assert "rooms" in refused(bad_rooms)
     assert "not a valid JWT" in refused("garbage")
     assert "non-empty string" in refused(12345)
@@ -399,10 +399,28 @@ def test_broker_anonymous_health_only_identity_and_rooms(auth_broker: BrokerProc
         assert first is not None and first.message is not None
         assert first.message.user == "alice" and first.message.content == f"to {rooms[1]}"
         await c.close()
+        forever = jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256")  # no exp: refused
         for token in (mint_token("other-key", "alice"), mint_token(SECRET, "alice", ttl_s=-5),
-                      alg_none_token(), "x.y.z"):
+                      alg_none_token(), "x.y.z", forever):
             await refused_connect(address, token, tls)
     run(main())
+
+
+def test_tokens_without_exp_are_refused_unless_allowed() -> None:
+    forever = jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256")
+    with pytest.raises(zrpc.RpcError) as err:
+        JwtAuthenticator(secret=SECRET)({"token": forever}, None)
+    assert err.value.status is Status.UNAUTHENTICATED and "no 'exp' claim" in err.value.message
+    assert JwtAuthenticator(secret=SECRET, require_exp=False)({"token": forever}, None)[0] == "alice"
+    # zrpc-broker start: on by default with auth, --auth-allow-no-exp turns it off
+    from cli.broker_cmd import _authenticator, start
+    auth = _authenticator(SECRET, None, None, None, 0.0)
+    assert auth is not None and auth.require_exp
+    auth = _authenticator(SECRET, None, None, None, 0.0, require_exp=False)
+    assert auth is not None and not auth.require_exp
+    opts = {o.name: o for o in start.params}
+    assert opts["auth_require_exp"].default is True
+    assert "--auth-allow-no-exp" in opts["auth_require_exp"].secondary_opts
 
 
 @pytest.mark.multiprocess

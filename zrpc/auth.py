@@ -62,11 +62,15 @@ class JwtAuthenticator:
     (no key-confusion), ``none`` is always refused. ``audience`` and
     ``issuer``, when set, must match the token's ``aud`` / ``iss``;
     ``leeway`` (seconds) tolerates clock skew on ``exp`` / ``nbf`` / ``iat``.
+    ``require_exp`` (default True) refuses a token without an ``exp`` claim:
+    such a token would be valid forever, and a connection using it would
+    never be closed for expiry.
     """
 
     def __init__(self, secret: str | bytes | None = None, public_key: str | bytes | None = None,
                  algorithms: Sequence[str] | None = None, audience: str | None = None,
-                 issuer: str | None = None, leeway: float = 0, allow_anonymous: bool = True) -> None:
+                 issuer: str | None = None, leeway: float = 0, allow_anonymous: bool = True,
+                 require_exp: bool = True) -> None:
         if (secret is None) == (public_key is None):
             raise ValueError("JwtAuthenticator needs exactly one of secret or public_key")
         if secret is not None and not secret:
@@ -90,6 +94,7 @@ class JwtAuthenticator:
         self.issuer = issuer
         self.leeway = leeway
         self.allow_anonymous = allow_anonymous
+        self.require_exp = require_exp
 
     def __call__(self, hello: dict[str, Any], peer: Any) -> tuple[str | None, dict[str, Any]]:
         token = hello.get("token")
@@ -117,7 +122,8 @@ class JwtAuthenticator:
         try:
             claims: dict[str, Any] = jwt.decode(
                 token, self._key, algorithms=list(self.algorithms), audience=self.audience,
-                issuer=self.issuer, leeway=self.leeway, options={"require": ["sub"]})
+                issuer=self.issuer, leeway=self.leeway,
+                options={"require": ["sub", "exp"] if self.require_exp else ["sub"]})
         except jwt.ExpiredSignatureError:
             raise _unauthenticated("token expired") from None
         except jwt.ImmatureSignatureError:
@@ -131,6 +137,9 @@ class JwtAuthenticator:
         except jwt.InvalidSignatureError:
             raise _unauthenticated("token signature does not verify (signed with another key?)") from None
         except jwt.MissingRequiredClaimError as exc:
+            if exc.claim == "exp":
+                raise _unauthenticated("token has no 'exp' claim: this server accepts only tokens "
+                                       "that expire (mint one with an expiry)") from None
             raise _unauthenticated(f"token has no {exc.claim!r} claim") from None
         except jwt.InvalidAlgorithmError as exc:
             raise _unauthenticated(f"algorithm not accepted ({exc})") from None

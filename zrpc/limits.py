@@ -18,9 +18,10 @@ import msgpack
 from zrpc.protocol.frames import FrameType, encode_frame
 from zrpc.session import SessionBase
 from zrpc.status import Status
+from zrpc.tls import ALPN_PROTOCOL
 
-__all__ = ["CLOSE_LINGER_S", "IdleTimer", "IpCounter", "admit_connection", "peer_ip", "peer_name",
-           "refuse_connection"]
+__all__ = ["CLOSE_LINGER_S", "IdleTimer", "IpCounter", "admit_connection", "alpn_refusal", "peer_ip",
+           "peer_name", "refuse_connection"]
 
 log = logging.getLogger("zrpc.limits")
 
@@ -75,14 +76,35 @@ def peer_name(transport: Any) -> str:
     return f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
 
 
+def alpn_refusal(transport: Any) -> str | None:
+    """Why a TLS connection must be refused for its ALPN (None: it negotiated ``zrpc/1``,
+    or it is not TLS). Clients that offer no ALPN, or only others (``h2``), are refused:
+    ALPN is what tells a zrpc server from an HTTP one."""
+    ssl_obj = transport.get_extra_info("ssl_object")
+    if ssl_obj is None:
+        return None
+    selected = ssl_obj.selected_alpn_protocol()
+    if selected == ALPN_PROTOCOL:
+        return None
+    return (f"this is a zrpc server: the TLS client must offer ALPN {ALPN_PROTOCOL!r} "
+            f"({'it offered none we speak' if selected is None else f'it selected {selected!r}'})")
+
+
 def admit_connection(transport: Any, *, serving: bool, open_connections: int, max_connections: int,
-                     per_ip: IpCounter) -> str | None:
+                     per_ip: IpCounter, check_alpn: bool = True) -> str | None:
     """Apply the connection limits to a new transport.
 
     Returns the client's IP (now counted in ``per_ip``; release it when the
     connection ends), or None after refusing the connection with a GOAWAY that
-    names the limit.
+    names the limit. With ``check_alpn`` (every TLS listener except the
+    WebSocket one, whose ALPN is ``http/1.1``) a client that did not negotiate
+    ``zrpc/1`` is refused with GOAWAY ``FAILED_PRECONDITION``.
     """
+    why = alpn_refusal(transport) if check_alpn else None
+    if why is not None:
+        log.info("refusing connection from %s: %s", peer_name(transport), why)
+        refuse_connection(transport, Status.FAILED_PRECONDITION, why)
+        return None
     if not serving:
         refuse_connection(transport, Status.UNAVAILABLE, "server is shutting down")
         return None

@@ -286,8 +286,8 @@ class Connection:
             raise ProtocolError("HELLO on a stream", Status.INTERNAL)
         if self.peer is not None and not self.is_client:
             raise ProtocolError("second HELLO", Status.INTERNAL)
-        settings = _unpack_control(payload, "HELLO")
-        if not isinstance(settings, dict) or not all(isinstance(k, str) for k in settings):
+        settings = _unpack_control(payload, "HELLO", any_keys=True)
+        if not isinstance(settings, dict):  # a non-map, or a map with a key that is not a string
             raise ProtocolError("HELLO payload must be a map with string keys", Status.INVALID_ARGUMENT)
         version = settings.get("version")
         if version != PROTOCOL_VERSION:
@@ -301,6 +301,7 @@ class Connection:
         conn_window = _peer_int(settings, "initial_connection_window", 1, MAX_WINDOW)
         self._peer_max_message = _peer_int(settings, "max_message_size", 1, 2**32 - 1)
         self._peer_max_streams = _peer_int(settings, "max_concurrent_streams", 1, 2**31 - 1)
+        _peer_int(settings, "max_metadata_size", 1, CONTROL_FRAME_LIMIT)
         first = self.peer is None
         self.peer = settings
         if first:
@@ -576,7 +577,12 @@ class Connection:
         """Close now: a final GOAWAY; every stream is gone."""
         if self.closed:
             return
-        last = self._highest_id if not self.is_client else 0
+        if self.is_client:
+            last = 0
+        elif self.goaway_sent is not None and self.stream_ids_in_order:
+            last = self.goaway_sent  # OPENs after the graceful GOAWAY were refused: never raise it
+        else:
+            last = self._highest_id
         self._queue_control(_T_GOAWAY, 0, [last, int(code), message])
         self.goaway_sent = last
         self.closed = True
@@ -604,8 +610,36 @@ class Connection:
         return data
 
 
-def _unpack_control(payload: bytes, what: str) -> Any:
+class _NotStringKeyed:
+    """Stands for a decoded map with a key that is not a string (valid MessagePack, wrong shape)."""
+
+
+_NOT_STRING_KEYED = _NotStringKeyed()
+
+
+def _string_keyed(pairs: list[tuple[Any, Any]]) -> Any:
+    """A map whose keys are all strings and whose values hold no such bad map, else the marker."""
+    if all(isinstance(k, str) and v is not _NOT_STRING_KEYED for k, v in pairs):
+        return dict(pairs)
+    return _NOT_STRING_KEYED
+
+
+def _list_of(items: list[Any]) -> Any:
+    return _NOT_STRING_KEYED if any(v is _NOT_STRING_KEYED for v in items) else items
+
+
+def _unpack_control(payload: bytes, what: str, any_keys: bool = False) -> Any:
+    """Decode a control payload; invalid MessagePack is a connection error ``INTERNAL``.
+
+    With ``any_keys`` a map with a non-string key (even an array or a map as a
+    key), at any depth, makes the whole value decode as a
+    :class:`_NotStringKeyed` marker, so that the caller can refuse it as a
+    value of the wrong shape rather than as malformed bytes.
+    """
     try:
+        if any_keys:
+            return msgpack.unpackb(payload, raw=False, strict_map_key=False, use_list=True,
+                                   object_pairs_hook=_string_keyed, list_hook=_list_of)
         return msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated types on bad input
         raise ProtocolError(f"malformed {what} payload: {type(exc).__name__}", Status.INTERNAL) from None

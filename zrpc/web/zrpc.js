@@ -375,6 +375,7 @@ export class Connection {
     const connWindow = peerInt("initial_connection_window", MAX_WINDOW);
     this._peerMaxMessage = peerInt("max_message_size", 2 ** 32 - 1);
     this._peerMaxStreams = peerInt("max_concurrent_streams", 2 ** 31 - 1);
+    peerInt("max_metadata_size", CONTROL_FRAME_LIMIT);
     const first = this.peer === null;
     this.peer = settings;
     if (first) {
