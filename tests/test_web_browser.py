@@ -121,6 +121,12 @@ def test_two_browsers_and_a_cli_user_chat_through_a_broker_restart(playwright_ap
         wait_ids(alice, 2)
         join(bob, url, "bob")
         wait_ids(bob, 2)
+        assert alice.get_attribute("#message", "maxlength") == "16384"  # the server's limit
+        today, older, other_year = alice.evaluate(
+            "import('/chat.js').then(m => [m.timeOf(Date.now()), m.timeOf(Date.now() - 3 * 86400e3),"
+            " m.timeOf(Date.UTC(2020, 0, 2, 12))])")
+        assert today == alice.text_content("#messages li.msg time")  # today: the time alone
+        assert len(older) > len(today) and "2020" in other_year  # older: with the date
         alice.wait_for_selector("#messages li.notice[data-kind=join]:has-text('bob joined')", timeout=TIMEOUT_MS)
         wait_present(alice, ["alice", "bob"])
         wait_present(bob, ["alice", "bob"])
@@ -141,6 +147,12 @@ def test_two_browsers_and_a_cli_user_chat_through_a_broker_restart(playwright_ap
         assert first.wait(30) == 0
         for page in (alice, bob):
             page.wait_for_selector("#conn-status:not([data-state=live])", timeout=TIMEOUT_MS)
+            # while disconnected: who is here is unknown (not a stale list); the status counts down
+            page.wait_for_selector("#who li.unknown", timeout=TIMEOUT_MS)
+            assert page.text_content("#who-count") == "?"
+            page.wait_for_function(
+                "() => /^Reconnecting in \\d+ s$/.test(document.querySelector('#conn-status').textContent)",
+                timeout=TIMEOUT_MS)
         second = start_broker(tmp_path, "--listen", address, "--web-port", web_port, "--grace", "1",
                               "--runtime-dir", str(tmp_path / "run-b2"), app=None, name="b2").wait_ready()
         zrpc_send(env, "carol", "while you were away")
@@ -185,3 +197,58 @@ def test_two_browsers_and_a_cli_user_chat_through_a_broker_restart(playwright_ap
         for b in (second, third):
             if b is not None:
                 b.stop()
+
+
+SECRET = "browser-test-secret-of-32-bytes!!"
+
+
+def test_tokens_in_the_browser(playwright_api: Any, tmp_path: Path) -> None:
+    """No token: the page says to paste one. An expired token keeps the page and asks for a new one."""
+    from zrpc.auth import mint_token
+
+    b = start_broker(tmp_path, "--web-port", "0", "--auth-secret", SECRET, app=None)
+    browser = None
+    errors: list[str] = []
+    try:
+        b.wait_ready()
+        url = f"https://localhost:{str(b.info['web']).rsplit(':', 1)[1]}/"
+        browser = playwright_api.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_context(ignore_https_errors=True).new_page()
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url)
+        page.wait_for_selector("body[data-ready=true]")
+        page.fill("#name", "dora")
+        page.fill("#room", ROOM)
+        page.click("#join")
+        page.wait_for_selector("#join-form:not([hidden])", timeout=TIMEOUT_MS)
+        page.wait_for_function("() => document.querySelector('#join-error').textContent !== ''",
+                               timeout=TIMEOUT_MS)
+        refusal = page.text_content("#join-error") or ""
+        assert "requires a token" in refusal and "Token field" in refusal and "zrpc" not in refusal
+
+        page.fill("#token", mint_token(SECRET, "dora", ttl_s=4))
+        page.click("#join")
+        page.wait_for_selector("#conn-status[data-state=live]", timeout=TIMEOUT_MS)
+        say(page, "before expiry")
+        wait_ids(page, 1)
+        too_long = "\u00e9" * 9000  # 9,000 characters, 18,000 bytes: within maxlength, over the limit
+        page.fill("#message", too_long)
+        page.click("#send")
+        page.wait_for_function("() => document.querySelector('#send-error').textContent.startsWith('Too long')",
+                               timeout=TIMEOUT_MS)
+        page.fill("#message", "")
+        # the token expires: the history stays, a prompt asks for a new token
+        page.wait_for_selector("#token-form:not([hidden])", timeout=TIMEOUT_MS)
+        assert "expired" in (page.text_content("#token-why") or "")
+        assert not page.is_visible("#join-form") and shown(page) == [[1, "dora", "before expiry"]]
+        page.fill("#new-token", mint_token(SECRET, "dora"))
+        page.click("#resume")
+        page.wait_for_selector("#conn-status[data-state=live]", timeout=TIMEOUT_MS)
+        say(page, "after a new token")
+        wait_ids(page, 2)
+        assert shown(page) == [[1, "dora", "before expiry"], [2, "dora", "after a new token"]]
+        assert not errors, errors
+    finally:
+        if browser is not None:
+            browser.close()
+        b.stop()

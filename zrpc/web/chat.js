@@ -3,7 +3,9 @@
 // One connection per session: Chat/SubscribeToRoom (server streaming, with since_id so
 // history comes first and a reconnect resumes after the last message shown),
 // Chat/ListUsers (presence, refreshed on join/leave) and Chat/SendMessage (unary).
-// A dropped connection is retried with backoff; messages are deduplicated by id.
+// A dropped connection is retried with backoff (the status counts down, the presence list is
+// marked unknown meanwhile); messages are deduplicated by id. A token that expires or is refused
+// after the session was live keeps the page as it is and asks for a new one.
 
 import { Client, Status, ZrpcError, webSocketTransport } from "/zrpc.js";
 
@@ -11,6 +13,8 @@ const MAX_SHOWN = 1000; // messages and notices kept on the page
 const BACKOFF_MIN_MS = 250;
 const BACKOFF_MAX_MS = 8000;
 const FATAL = new Set([Status.UNAUTHENTICATED, Status.PERMISSION_DENIED, Status.INVALID_ARGUMENT]);
+/** The chat service's limit on a message's content, in UTF-8 bytes (docs/chat.md). */
+export const MAX_CONTENT_BYTES = 16384;
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -18,6 +22,7 @@ const ui = {
   joinError: $("join-error"), chat: $("chat"), roomName: $("room-name"), me: $("me"), leave: $("leave"),
   messages: $("messages"), who: $("who"), whoCount: $("who-count"), sendForm: $("send-form"),
   input: $("message"), send: $("send"), sendError: $("send-error"),
+  tokenForm: $("token-form"), newToken: $("new-token"), tokenWhy: $("token-why"),
 };
 
 /** The state of the current session (null when not joined). */
@@ -43,10 +48,28 @@ function describe(err) {
   return err instanceof ZrpcError ? `${err.status}${err.reason ? `: ${err.reason}` : ""}` : String(err?.message ?? err);
 }
 
+/** Why joining failed, in this page's terms (the server's text may address command-line users). */
+export function joinRefusal(err, hadToken) {
+  if (err instanceof ZrpcError && err.code === Status.UNAUTHENTICATED) {
+    return hadToken ? "The server did not accept the token: check it, or ask for a new one."
+      : "This server requires a token: paste it in the Token field and join again.";
+  }
+  if (err instanceof ZrpcError && err.code === Status.PERMISSION_DENIED) {
+    return `Your token does not allow this room${err.reason ? ` (${err.reason})` : ""}.`;
+  }
+  return `Cannot join: ${describe(err)}`;
+}
+
 // ------------------------------------------------------------------ rendering
 
-function timeOf(ms) {
-  return new Date(ms).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+/** A message's time: hours and minutes today, with the date before (and the year in other years). */
+export function timeOf(ms, now = new Date()) {
+  const t = new Date(ms);
+  const hm = { hour: "2-digit", minute: "2-digit" };
+  if (t.toDateString() === now.toDateString()) return t.toLocaleTimeString([], hm);
+  const date = t.getFullYear() === now.getFullYear() ? { month: "short", day: "numeric" }
+    : { year: "numeric", month: "short", day: "numeric" };
+  return t.toLocaleString([], { ...date, ...hm });
 }
 
 function nearBottom() {
@@ -73,6 +96,7 @@ function showMessage(m) {
   const when = document.createElement("time");
   when.dateTime = new Date(m.timestamp).toISOString();
   when.textContent = timeOf(m.timestamp);
+  when.title = new Date(m.timestamp).toLocaleString();
   head.append(who, " ", when);
   const text = document.createElement("p");
   text.className = "text";
@@ -89,7 +113,18 @@ function showNotice(kind, text) {
   append(li);
 }
 
+/** While disconnected, who is here is unknown: say so instead of showing a stale list. */
+function usersUnknown() {
+  const li = document.createElement("li");
+  li.className = "unknown";
+  li.textContent = "unknown while reconnecting";
+  ui.who.replaceChildren(li);
+  ui.who.dataset.stale = "true";
+  ui.whoCount.textContent = "?";
+}
+
 function showUsers(users) {
+  delete ui.who.dataset.stale;
   ui.who.replaceChildren(...users.map((u) => {
     const li = document.createElement("li");
     li.textContent = u.name === session.user ? `${u.name} (you)` : u.name;
@@ -105,7 +140,7 @@ function showUsers(users) {
 function join(user, room, token) {
   const s = {
     user, room, token: token || null, client: null, sub: null, lastId: 0, seen: new Set(),
-    running: true, attempt: 0, whoTimer: null,
+    running: true, attempt: 0, whoTimer: null, wasLive: false, tokenWait: null,
   };
   session = s;
   ui.roomName.textContent = room;
@@ -116,6 +151,7 @@ function join(user, room, token) {
   ui.joinForm.hidden = true;
   ui.chat.hidden = false;
   ui.sendError.textContent = "";
+  ui.tokenForm.hidden = true;
   ui.input.focus();
   run(s);
 }
@@ -126,6 +162,8 @@ function leave(message = "") {
   s.running = false;
   session = null;
   clearTimeout(s.whoTimer);
+  if (s.tokenWait) s.tokenWait(null);
+  ui.tokenForm.hidden = true;
   if (s.sub) s.sub.cancel("left the room");
   if (s.client) s.client.close("left the room");
   setCanSend(false);
@@ -155,6 +193,7 @@ async function run(s) {
       s.sub = sub;
       await refreshWho(s);
       setStatus("live", "Connected");
+      s.wasLive = true;
       setCanSend(true);
       for await (const ev of sub) {
         s.attempt = 0;
@@ -163,9 +202,22 @@ async function run(s) {
       if (s.running) throw new ZrpcError(Status.UNAVAILABLE, "the server ended the subscription");
     } catch (err) {
       if (!s.running) break;
+      if (err instanceof ZrpcError && err.code === Status.UNAUTHENTICATED && s.wasLive) {
+        // the token expired (or was refused on a reconnect): keep the page, ask for a new one
+        if (client) client.close();
+        s.sub = null;
+        s.client = null;
+        setCanSend(false);
+        usersUnknown();
+        const token = await askToken(s, err);
+        if (token === null || !s.running) break;
+        s.token = token;
+        s.attempt = 0;
+        continue;
+      }
       if (err instanceof ZrpcError && FATAL.has(err.code)) {
         if (client) client.close();
-        leave(`Cannot join: ${describe(err)}`);
+        leave(joinRefusal(err, Boolean(s.token)));
         return;
       }
       console.warn("chat connection:", describe(err));
@@ -175,11 +227,37 @@ async function run(s) {
     s.client = null;
     if (client) client.close();
     if (!s.running) break;
+    usersUnknown();
     const delay = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** s.attempt) * (0.75 + Math.random() / 2);
     s.attempt = Math.min(s.attempt + 1, 10);
-    setStatus("retrying", `Connection lost; reconnecting in ${Math.max(1, Math.round(delay / 1000))} s…`);
-    await sleep(delay);
+    await countdown(s, delay);
   }
+}
+
+/** Wait ``delay`` ms, showing the seconds left in the status line. */
+async function countdown(s, delay) {
+  const until = Date.now() + delay;
+  for (let left = delay; left > 0 && s.running; left = until - Date.now()) {
+    setStatus("retrying", `Reconnecting in ${Math.ceil(left / 1000)} s`);
+    await sleep(Math.min(left, left % 1000 || 1000));
+  }
+}
+
+/** Show the token prompt; resolves with the new token (null when the user leaves). */
+function askToken(s, err) {
+  setStatus("auth", "Token needed");
+  const expired = /expired/i.test(err.reason ?? "");
+  ui.tokenWhy.textContent = expired ? "Your token expired." : "The server refused your token.";
+  ui.newToken.value = "";
+  ui.tokenForm.hidden = false;
+  ui.newToken.focus();
+  return new Promise((resolve) => {
+    s.tokenWait = (token) => {
+      s.tokenWait = null;
+      ui.tokenForm.hidden = true;
+      resolve(token);
+    };
+  });
 }
 
 function onEvent(s, ev) {
@@ -240,11 +318,22 @@ function init() {
 
   ui.leave.addEventListener("click", () => leave());
 
+  ui.tokenForm.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const token = ui.newToken.value.trim();
+    if (token && session?.tokenWait) session.tokenWait(token);
+  });
+
   ui.sendForm.addEventListener("submit", async (e) => {
     e.preventDefault();
     const s = session;
     const content = ui.input.value;
     if (!s || !content.trim()) return;
+    const size = new TextEncoder().encode(content).length;
+    if (size > MAX_CONTENT_BYTES) {
+      ui.sendError.textContent = `Too long: ${size} bytes; a message may have ${MAX_CONTENT_BYTES}.`;
+      return;
+    }
     ui.send.disabled = true;
     ui.sendError.textContent = "";
     try {
