@@ -1,4 +1,4 @@
-"""Client streaming: send a batch of messages, get one summary back (the seed's batch-client)."""
+"""Client streaming: send a batch of messages, get one summary back (the streaming tutorial's batch client)."""
 
 import asyncio
 import os

@@ -1,4 +1,4 @@
-"""Bidirectional streaming: chat from stdin, print the room's events (the seed's chat-client)."""
+"""Bidirectional streaming: chat from stdin, print the room's events (the streaming tutorial's chat client)."""
 
 import asyncio
 import os

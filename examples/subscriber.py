@@ -1,4 +1,4 @@
-"""Server streaming: follow a room, resuming after lost connections (the seed's subscriber)."""
+"""Server streaming: follow a room, resuming after lost connections (the streaming tutorial's subscriber)."""
 
 import asyncio
 import os

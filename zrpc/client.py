@@ -1,6 +1,6 @@
 """The asyncio client: one connection, many multiplexed calls.
 
-API (the seed's, in Python style)::
+API (the streaming tutorial's, docs/streaming-tutorial.md, in Python style)::
 
     async with zrpc.Client(zrpc.ClientConfig()) as client:
         await client.connect("localhost:8443")  # TLS: system store + development CA

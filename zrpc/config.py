@@ -1,6 +1,6 @@
 """Frozen configuration dataclasses for servers, clients and streams.
 
-Names follow the seed tutorial (``ServerConfig``, ``ClientConfig``,
+Names follow the streaming tutorial (docs/streaming-tutorial.md: ``ServerConfig``, ``ClientConfig``,
 ``StreamConfig``); every field has a sensible default.
 """
 
@@ -23,7 +23,7 @@ Interceptor = Callable[["RequestContext"], Awaitable[None]]
 
 @dataclass(frozen=True)
 class StreamConfig:
-    """Per-stream buffering and compression (the seed's ``StreamConfig``).
+    """Per-stream buffering and compression (the tutorial's ``StreamConfig``).
 
     ``buffer_size`` is the receive window a stream announces (bytes the peer may
     send before we return credit); ``max_buffered_messages`` bounds the queue of
@@ -82,7 +82,7 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class ClientConfig:
-    """Client defaults (the seed's ``ClientConfig``)."""
+    """Client defaults (the tutorial's ``ClientConfig``)."""
 
     request_timeout_ms: int | None = 30_000    # default deadline of unary / client-streaming calls
     stream_timeout_ms: int | None = None       # default deadline of server-streaming / bidi calls

@@ -1,4 +1,4 @@
-"""The per-call context handed to every handler (the seed's ``RequestContext``)."""
+"""The per-call context handed to every handler (the streaming tutorial's ``RequestContext``)."""
 
 from __future__ import annotations
 

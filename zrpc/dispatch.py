@@ -102,7 +102,7 @@ class ServerCall:
             return None
         return decode(self._recv_type, payload)
 
-    receive = recv  # the seed's name
+    receive = recv  # the streaming tutorial's name
 
     def __aiter__(self) -> ServerCall:
         return self

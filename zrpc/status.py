@@ -1,7 +1,7 @@
 """Status codes and the exception hierarchy.
 
 The 17 canonical gRPC status codes (so users meet familiar names), the base
-:class:`RpcError` that carries one, and the seed's error names
+:class:`RpcError` that carries one, and the streaming tutorial's error names
 (:class:`StreamClosed`, :class:`ConnectionReset`, :class:`Timeout`) as typed
 subclasses so ``except zrpc.Timeout`` reads like the tutorial.
 """
@@ -71,7 +71,7 @@ class RpcError(Exception):
 
 
 class StreamClosed(RpcError):
-    """Operation on a stream that has already ended (the seed's ``error.StreamClosed``)."""
+    """Operation on a stream that has already ended (the tutorial's ``error.StreamClosed``)."""
 
     def __init__(self, message: str = "stream closed", details: Any = None,
                  status: Status = Status.CANCELLED) -> None:

@@ -4,7 +4,7 @@
 :class:`~zrpc.dispatch.ServerSession` through an in-memory pipe: the same
 protocol, flow control and handlers as over TLS, with no network.
 
-:class:`MockServer` (the seed's "Mock Streaming") answers calls from a script
+:class:`MockServer` (the streaming tutorial's "Mock Streaming") answers calls from a script
 of expectations, for testing client code alone::
 
     mock = MockServer()

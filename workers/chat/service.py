@@ -1,4 +1,4 @@
-"""The chat service handlers of one shard (the seed's ``ChatService``, done for real).
+"""The chat service handlers of one shard (the streaming tutorial's ``ChatService``, done for real).
 
 Role
 ----

@@ -1,6 +1,6 @@
-"""The chat message types (the seed's ``chat.zig``), as zrpc message dataclasses.
+"""The chat message types (those of the streaming tutorial, docs/streaming-tutorial.md), as zrpc message dataclasses.
 
-Field names and meanings follow the seed so clients written from the
+Field names and meanings follow the tutorial so clients written from the
 tutorial read naturally. Everything here is plain data: encoding is
 :mod:`zrpc.codec` (a MessagePack map per message; unknown keys are ignored
 and missing keys take the field's default, so fields can be added later).
@@ -52,13 +52,13 @@ class Message:
 
     @classmethod
     def now(cls, id: int, user: str, content: str, room: str) -> Message:
-        """The seed's ``Message.now``: a message stamped with the local clock."""
+        """The tutorial's ``Message.now``: a message stamped with the local clock."""
         return cls(id=id, user=user, content=content, timestamp=int(time.time() * 1000), room=room)
 
 
 @dataclass
 class MessageBatch:
-    """Several messages (the seed's type; ``SendMessageBatch`` streams them one by one)."""
+    """Several messages (the tutorial's type; ``SendMessageBatch`` streams them one by one)."""
 
     messages: list[Message] = field(default_factory=list)
 
@@ -82,7 +82,7 @@ class SubscribeRequest:
     """``Chat/SubscribeToRoom``: which room, who is watching, what history to replay.
 
     With neither ``since_id`` nor ``since_timestamp`` no history is replayed
-    (only live events, as the seed's server does). ``since_id=k`` replays the
+    (only live events, as the tutorial's server does). ``since_id=k`` replays the
     messages with ``id > k`` (``0``: the whole retained history);
     ``since_timestamp=t`` those with ``timestamp > t``; given both, a message
     must satisfy both.
@@ -96,7 +96,7 @@ class SubscribeRequest:
 
 @dataclass
 class ChatJoinRequest:
-    """Who joins which room (the seed's type; ``JoinChat`` takes the join as a :class:`Message`)."""
+    """Who joins which room (the tutorial's type; ``JoinChat`` takes the join as a :class:`Message`)."""
 
     user: str
     room: str
