@@ -733,6 +733,27 @@ async def run_idle(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # ======================================================================= main
+async def run_connect(spec: dict[str, Any]) -> dict[str, Any]:
+    """Connection set-up, one after another: TLS or QUIC handshake plus the HELLO exchange."""
+    address = spec["address"]
+    win = Window(spec)
+    lat = array("d")
+    ops = 0
+
+    async def worker() -> None:
+        nonlocal ops
+        while not win.stopping:
+            t0 = now()
+            client = await zrpc_client(address)
+            if win.measuring:
+                lat.append(now() - t0)
+                ops += 1
+            await client.close()
+
+    await win.run([asyncio.create_task(worker())])
+    return win.result(ops, lat, "connections/s")
+
+
 KINDS: dict[str, Callable[[dict[str, Any]], Coroutine[Any, Any, dict[str, Any]]]] = {
     "unary": run_unary,
     "stream": run_stream,
@@ -740,6 +761,7 @@ KINDS: dict[str, Callable[[dict[str, Any]], Coroutine[Any, Any, dict[str, Any]]]
     "fanout_sub": run_fanout_sub,
     "fanout_pub": run_fanout_pub,
     "idle": run_idle,
+    "connect": run_connect,
 }
 
 

@@ -25,7 +25,7 @@ from typing import Any
 from bench.common import ROOT, machine_info, raise_nofile, wait_quiet
 from bench.procs import PY, BenchError, ProcSet
 
-SCENARIOS = ["unary", "server_stream", "pingpong", "broker_hop", "fanout", "idle", "durable_chat"]
+SCENARIOS = ["unary", "server_stream", "pingpong", "broker_hop", "fanout", "idle", "durable_chat", "quic"]
 TITLES = {
     "unary": "1. Unary round trip, 100-byte payload",
     "server_stream": "2. Server streaming, 64-byte messages",
@@ -34,6 +34,7 @@ TITLES = {
     "fanout": "5. Room fan-out to 1,000 subscribers",
     "idle": "6. Idle TLS connections: server RSS per connection",
     "durable_chat": "7. Durable chat sends (Chat/SendMessage, 2 workers)",
+    "quic": "8. zrpc over QUIC beside zrpc over TLS/TCP (in-process server, both listeners)",
 }
 
 
@@ -352,6 +353,35 @@ def s_durable_chat(ctx: Context) -> list[dict[str, Any]]:
     return cases
 
 
+QUIC_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("unary c1", {"kind": "unary", "concurrency": 1}),
+    ("unary c64", {"kind": "unary", "concurrency": 64}),
+    ("1 stream", {"kind": "stream", "streams": 1}),
+    ("100 streams", {"kind": "stream", "streams": 100}),
+    ("ping-pong", {"kind": "pingpong"}),
+    ("connection set-up", {"kind": "connect"}),
+]
+
+
+def s_quic(ctx: Context) -> list[dict[str, Any]]:
+    """Each case over TLS/TCP, then over QUIC, against one server process with both listeners:
+    the two transports of a case run back to back, so their ratio is fair even on a busy machine."""
+    cases = []
+    with ctx.procs.server("zrpc", app="bench.apps:app") as srv:
+        if "quic" not in srv:
+            raise BenchError("this zrpc version has no QUIC listener (Server.bind_quic)")
+        addresses = {"tls": srv["address"], "quic": srv["quic"]}
+        for label, spec in QUIC_CASES:
+            if spec.get("streams", 1) > 1 and not ctx.mode.quick:  # as in scenario 2: warm up past
+                spec = {**spec, "warmup": max(ctx.mode.warmup, 4.0)}   # the start of 100 streams
+            for transport, address in addresses.items():
+                slug = label.replace(" ", "-")
+                r = ctx.measure({**srv, "address": address}, {**spec, "target": "zrpc"},
+                                f"quic-scenario {transport} {label}", f"quic-{transport}-{slug}")
+                cases.append(case(f"zrpc-{transport}", label, r, transport=transport))
+    return cases
+
+
 RUNNERS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
     "unary": s_unary,
     "server_stream": s_server_stream,
@@ -360,6 +390,7 @@ RUNNERS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
     "fanout": s_fanout,
     "idle": s_idle,
     "durable_chat": s_durable_chat,
+    "quic": s_quic,
 }
 
 

@@ -57,8 +57,15 @@ async def serve_zrpc(args: argparse.Namespace) -> None:
     for svc in apps.services():
         server.add_service(svc)
     server.bind("127.0.0.1:0", zrpc.TlsConfig.development())
+    quic = hasattr(server, "bind_quic")  # zrpc over QUIC beside TLS/TCP (scenario 8), when this version has it
+    if quic:
+        server.bind_quic("127.0.0.1:0", zrpc.TlsConfig.development())
     (host, port), *_ = await server.start()
-    _ready(args.ready_file, {"address": f"{host}:{port}"})
+    info = {"address": f"{host}:{port}"}
+    if quic:
+        qhost, qport = server.quic_addresses[0]
+        info["quic"] = f"quic://{qhost}:{qport}"
+    _ready(args.ready_file, info)
     await _until_signal()
     await server.shutdown(1.0)
 

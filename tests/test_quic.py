@@ -349,6 +349,25 @@ def test_wrong_alpn_fails_the_handshake() -> None:
     uvloop.run(main())
 
 
+def test_the_quic_pipe_is_a_zrpc_transport() -> None:
+    async def main() -> None:
+        from zrpc.quic import QuicPipe
+        from zrpc.transport import Transport
+
+        async with quic_server() as (server, port):
+            client = zrpc.Client()
+            await client.connect(f"quic://127.0.0.1:{port}", zrpc.TlsConfig.development())
+            try:
+                assert isinstance(client._transport, QuicPipe) and isinstance(client._transport, Transport)
+                (proto,) = server._quic[0].connections
+                assert isinstance(proto.pipe, Transport)
+                assert proto.pipe.get_extra_info("peername")[0] == "127.0.0.1"
+                assert proto.pipe.get_extra_info("ssl_object") is None
+            finally:
+                await client.close()
+    uvloop.run(main())
+
+
 def test_max_connections_counts_quic_connections() -> None:
     async def main() -> None:
         async with quic_server(zrpc.ServerConfig(max_connections=1)) as (_, port):

@@ -24,6 +24,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from aioquic import tls
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic import events as qe
@@ -155,14 +156,20 @@ class _ZrpcQuicProtocol(QuicConnectionProtocol):
         return self._quic.get_peer_address()
 
     # ------------------------------------------------------------- output
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, transmit: bool = True) -> None:
         quic = self._quic
         for quic_id, chunk, fin in self.mux.split(data):
             try:
                 quic.send_stream_data(quic_id, chunk, end_stream=fin)
             except ValueError:  # the peer stopped the stream (STOP_SENDING): the zrpc stream is over
                 pass
-        self._transmit_soon()
+        if transmit:
+            # A pending ACK leaves with this data instead of in its own datagram when aioquic's
+            # 1 ms ACK timer fires (aioquic adds an ACK to a packet only once it is due).
+            space = quic._spaces.get(tls.Epoch.ONE_RTT)
+            if space is not None and space.ack_at is not None:
+                space.ack_at = self._loop.time()
+            self._transmit_soon()
 
     def close_connection(self, code: int, reason: str) -> None:
         if not code and not reason and self.mux.last_goaway is not None:
@@ -214,8 +221,10 @@ class _ZrpcQuicProtocol(QuicConnectionProtocol):
         app = self.app
         if frames and app is not None and not self.pipe.is_closing():
             app.data_received(frames)
-        if not self.pipe.is_closing():
-            self.send(b"")  # FINs owed for streams the frames closed
+        if not self.pipe.is_closing() and self.mux.fins_owed:
+            # FINs owed for streams the frames closed: they leave in the datagram aioquic
+            # transmits once the received one is processed
+            self.send(b"", transmit=False)
 
     def _start(self) -> None:
         if self._handshake_timer is not None:

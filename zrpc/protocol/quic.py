@@ -99,6 +99,11 @@ class StreamMux:
         return self._total
 
     @property
+    def fins_owed(self) -> bool:
+        """FINs are owed since the last :meth:`split` (streams closed by frames received)."""
+        return bool(self._fins)
+
+    @property
     def open_streams(self) -> int:
         """QUIC streams with state held (not yet finished in both directions)."""
         return len(self._streams)
