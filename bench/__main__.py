@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench.run import SCENARIOS
+from bench.run import EXTRA_SCENARIOS, SCENARIOS
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="run the scenarios")
     r.add_argument("--quick", action="store_true", help="~1-2 s per case, 500 idle connections")
     r.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default bench/results)")
-    r.add_argument("--only", default="", help=f"comma-separated subset of: {','.join(SCENARIOS)}")
+    r.add_argument("--only", default="", help=f"comma-separated subset of: {','.join(SCENARIOS + EXTRA_SCENARIOS)}")
     r.add_argument("--name", default="latest", help="results file stem (default latest -> latest.json)")
     r.add_argument("--profile", action="store_true",
                    help="py-spy record every zrpc server during its measurement (raw stacks + top functions)")

@@ -39,6 +39,7 @@ from bench.common import (
     summarize,
     unary_request,
 )
+from bench.hostile import run_hostile
 
 #: Fan-out latency histogram: 400 log-spaced bins from 1 us to 100 s (4.7 % wide).
 HIST_LO, HIST_HI, HIST_BINS = 1e-6, 100.0, 400
@@ -762,6 +763,7 @@ KINDS: dict[str, Callable[[dict[str, Any]], Coroutine[Any, Any, dict[str, Any]]]
     "fanout_pub": run_fanout_pub,
     "idle": run_idle,
     "connect": run_connect,
+    "hostile": run_hostile,
 }
 
 

@@ -156,6 +156,30 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             r = _ratio(q, t)
             row(f"8 {label}", "quic", f"QUIC {label}: >= 0.5x TLS/TCP throughput", c.get("unit", ""),
                 q, t, None, r, None if r is None else r >= 0.5, "peer: zrpc over TLS/TCP, same server")
+    # 9. hostile clients
+    if cases(results, "hostile"):
+        by = {c.get("attack"): c for c in cases(results, "hostile")}
+        for sid, attack in (("9a", "storm"), ("9b", "flood")):
+            c = by.get(attack)
+            if c is None:
+                continue
+            row(sid, "hostile", f"{attack}: broker peak RSS <= 256 MiB", "MiB", c["peak_mib"], None, None,
+                None, c["peak_mib"] <= 256, f"baseline {c['baseline_mib']} MiB")
+            back = round(c["after_10s_mib"] - c["baseline_mib"], 1)
+            row(sid + "'", "hostile", f"{attack}: RSS within 32 MiB of baseline 10 s after", "MiB",
+                back, None, None, None, back <= 32, f"{c['after_10s_mib']} MiB 10 s after")
+            lat = c["bystander_ms"]
+            ok = lat["max"] is not None and lat["p99"] is not None and lat["max"] <= 1000 and lat["p99"] <= 100
+            row(sid + "''", "hostile", f"{attack}: bystander max <= 1 s, p99 <= 100 ms", "ms p99",
+                lat["p99"], None, None, None, ok, f"max {lat['max']} ms; Health/Check max "
+                f"{c['health_ms']['max']} ms, {c['health_ms']['failures']} failed")
+        for kind in ("normal", "garbage"):
+            c = by.get(f"churn_{kind}")
+            if c is not None:
+                g = c["growth_after_first_mib"]
+                row("9c", "hostile", f"churn ({kind}): RSS growth <= 8 MiB over "
+                    f"{c['connections_after_first']} connections after the first 200", "MiB", g, None, None,
+                    None, g <= 8, f"after each round: {c['rss_mib_after_each_round']}")
     return rows
 
 

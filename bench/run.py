@@ -35,7 +35,10 @@ TITLES = {
     "idle": "6. Idle TLS connections: server RSS per connection",
     "durable_chat": "7. Durable chat sends (Chat/SendMessage, 2 workers)",
     "quic": "8. zrpc over QUIC beside zrpc over TLS/TCP (in-process server, both listeners)",
+    "hostile": "9. Hostile clients: presence storm, huge windows, connection churn (broker RSS, bystander)",
 }
+#: Run only when asked (``--only hostile``): it measures memory, not speed, and takes ~2 minutes.
+EXTRA_SCENARIOS = ["hostile"]
 
 
 @dataclass
@@ -382,6 +385,27 @@ def s_quic(ctx: Context) -> list[dict[str, Any]]:
     return cases
 
 
+def s_hostile(ctx: Context) -> list[dict[str, Any]]:
+    quick = ctx.mode.quick
+    spec = {"kind": "hostile", "target": "zrpc",
+            "storm_conns": 3, "storm_streams": 200 if quick else 1000, "storm_hold_s": 3 if quick else 10,
+            "flood_events": 2000 if quick else 20_000, "flood_size": 4096,
+            "churn_rounds": 3 if quick else 7, "settle_s": 3 if quick else 10}
+    with ctx.procs.server("zrpc-broker", app=None, workers=2) as srv:
+        spec |= {"address": srv["address"], "rss_pid": srv["pid"], "server_pids": [srv["pid"]]}
+        r = ctx.procs.load(spec, "hostile", 600)
+    cases = []
+    for attack, label in (("storm", f"presence storm 3 x {spec['storm_streams']} streams"),
+                          ("flood", f"huge windows, {spec['flood_events']} x 4 KiB events")):
+        a = r[attack]
+        cases.append({"impl": "zrpc-broker", "label": label, "attack": attack, "throughput": a["peak_mib"],
+                      "unit": "MiB peak RSS", "latency_ms": a["bystander_ms"], **a})
+    for kind, c in r["churn"].items():
+        cases.append({"impl": "zrpc-broker", "label": f"churn {kind}, 200 per round", "attack": f"churn_{kind}",
+                      "throughput": c["growth_after_first_mib"], "unit": "MiB growth", "latency_ms": {}, **c})
+    return cases
+
+
 RUNNERS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
     "unary": s_unary,
     "server_stream": s_server_stream,
@@ -391,6 +415,7 @@ RUNNERS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
     "idle": s_idle,
     "durable_chat": s_durable_chat,
     "quic": s_quic,
+    "hostile": s_hostile,
 }
 
 
@@ -410,7 +435,7 @@ def run(quick: bool, out: Path, only: list[str] | None, name: str, profile: bool
     selected = only or SCENARIOS
     unknown = [s for s in selected if s not in RUNNERS]
     if unknown:
-        raise SystemExit(f"unknown scenario(s) {unknown}; choose from {SCENARIOS}")
+        raise SystemExit(f"unknown scenario(s) {unknown}; choose from {SCENARIOS + EXTRA_SCENARIOS}")
     out.mkdir(parents=True, exist_ok=True)
     raise_nofile()
     workdir = Path(tempfile.mkdtemp(prefix="zrpc-bench-"))

@@ -39,6 +39,7 @@ from zrpc.config import ServerConfig
 from zrpc.dispatch import Authenticator
 from zrpc.fanout import FanOut
 from zrpc.limits import IpCounter
+from zrpc.memory import Trimmer, tune_allocator
 from zrpc.status import Status
 from zrpc.tls import TlsConfig, zrpc_home
 
@@ -118,6 +119,7 @@ class Broker:
         self.registry = WorkerRegistry(self.shards, interval, self.config.liveness)
         self.fanout = FanOut(on_gap=self._gap, on_empty=self.unsubscribe)
         self.metrics = BrokerMetrics(Activity(log, self.config.log_summary_interval_s))
+        self.trimmer = Trimmer()  # gives closed connections' native memory back (zrpc/memory.py)
         self._bus_events = self.metrics.bus_events.inc
         self._from_workers = self.metrics.frames_from_workers.inc
         self._to_workers = self.metrics.frames_to_workers.inc
@@ -174,6 +176,7 @@ class Broker:
     # ------------------------------------------------------------- startup
     async def start(self) -> tuple[str, int]:
         cfg = self.config
+        tune_allocator()
         loop = asyncio.get_running_loop()
         runtime = cfg.runtime_dir
         if runtime is None:
@@ -389,6 +392,7 @@ class Broker:
                     self._tasks.append(loop.create_task(self._replace_if_hung(w)))
             for identity in list(self.registry.by_identity):
                 self._send([identity, wire.HEARTBEAT])
+            self.trimmer.tick()
 
     async def _replace_if_hung(self, w: WorkerInfo) -> None:
         """A worker declared dead that stays silent is hung (stopped, deadlocked): replace it.
@@ -425,6 +429,7 @@ class Broker:
 
     def session_closed(self, s: EdgeSession) -> None:
         self.sessions.pop(s.cid, None)
+        self.trimmer.closed()
         if s.ip is not None:
             self.per_ip.release(s.ip)
             s.ip = None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -87,7 +89,9 @@ def check_store_url(url: str | None, *, shards: int = 1) -> None:
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run on uvloop (the production loop)."""
+    """Run on uvloop (the production loop); ``ZRPC_EVENT_LOOP=asyncio`` picks the stdlib loop."""
+    if os.environ.get("ZRPC_EVENT_LOOP") == "asyncio":
+        return asyncio.run(coro)
     import uvloop
 
     return uvloop.run(coro)
