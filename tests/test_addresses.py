@@ -18,6 +18,7 @@ import os
 import pathlib
 import socket
 import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -223,6 +224,12 @@ def test_tls_port_without_zrpc_alpn_fails_fast(home: pathlib.Path) -> None:
         result = cli(home, str(state["address"]), "--timeout", "30", "health", expect=3)
         assert time.monotonic() - start < 10
         assert "does not speak zrpc/1" in result.stderr
+        # As a process: that one line and nothing else (no asyncio "never retrieved" noise).
+        proc = subprocess.run([ZRPC, "--server", str(state["address"]), "health"], capture_output=True,
+                              text=True, timeout=60, env={**os.environ, "ZRPC_HOME": str(home)})
+        assert proc.returncode == 3
+        assert proc.stderr.splitlines() == [f"error: UNAVAILABLE: {state['address']} does not speak zrpc/1 "
+                                            "(is it the web page's port?)"], proc.stderr
     finally:
         loop = state.get("loop")
         if isinstance(loop, asyncio.AbstractEventLoop):

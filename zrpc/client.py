@@ -135,6 +135,9 @@ class ClientSession(SessionBase):
         self.config = config
         self.calls: dict[int, ClientCall] = {}
         self.hello: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+        # A connect that gives up before HELLO (wrong ALPN, a timeout) never awaits it: mark
+        # its failure as seen so asyncio does not print "exception was never retrieved".
+        self.hello.add_done_callback(_seen)
         self._slot: asyncio.Future[None] | None = None
         self.goaway: RpcError | None = None
 
@@ -293,6 +296,11 @@ class BidirectionalStream(ServerStream[Resp], Generic[Req, Resp]):
 
     async def close_send(self) -> None:
         self._call.close_send()
+
+
+def _seen(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _tls_failure(where: str, exc: ssl.SSLError) -> str:
