@@ -213,3 +213,45 @@ def test_every_metric_is_documented() -> None:
     for family in metrics.registry.collect():
         shown = family.name + ("_total" if family.type == "counter" else "")
         assert f"`{shown}" in docs, f"{shown} ({family.type}) is not in docs/operations.md"
+
+
+def test_a_connection_flood_is_one_log_line(caplog: pytest.LogCaptureFixture,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """admit_connection past max_connections_per_ip: every refusal answered, one WARNING per 10 s."""
+    from zrpc import limits
+    from zrpc.limits import IpCounter, admit_connection
+
+    monkeypatch.setattr(limits, "_refusals", RateLimitedLog(limits.log, 10.0))  # a fresh interval
+
+    class Transport:  # a test double of an asyncio transport from 10.0.0.9
+        def __init__(self) -> None:
+            self.written = b""
+            self.closed = False
+
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return ("10.0.0.9", 4242) if name == "peername" else default
+
+        def write(self, data: bytes) -> None:
+            self.written += data
+
+        def close(self) -> None:
+            self.closed = True
+
+        def abort(self) -> None:
+            self.closed = True
+
+    async def flood() -> list[Transport]:
+        per_ip = IpCounter(1)
+        assert admit_connection(Transport(), serving=True, open_connections=0, max_connections=100,
+                                per_ip=per_ip) == "10.0.0.9"
+        refused = [Transport() for _ in range(500)]
+        for t in refused:
+            assert admit_connection(t, serving=True, open_connections=1, max_connections=100,
+                                    per_ip=per_ip) is None
+        return refused
+
+    with caplog.at_level(logging.INFO, "zrpc.limits"):
+        refused = asyncio.run(flood())
+    assert all(t.closed and b"max_connections_per_ip" in t.written for t in refused)
+    lines = [r.getMessage() for r in caplog.records if r.name == "zrpc.limits"]
+    assert len(lines) == 1 and "max_connections_per_ip (1)" in lines[0], lines

@@ -16,6 +16,7 @@ from typing import Any
 import msgpack
 
 from zrpc.protocol.frames import FrameType, encode_frame
+from zrpc.ratelog import RateLimitedLog
 from zrpc.session import SessionBase
 from zrpc.status import Status
 from zrpc.tls import ALPN_PROTOCOL
@@ -24,6 +25,8 @@ __all__ = ["CLOSE_LINGER_S", "IdleTimer", "IpCounter", "admit_connection", "alpn
            "peer_name", "refuse_connection"]
 
 log = logging.getLogger("zrpc.limits")
+#: Refused connections are logged once per 10 s per limit, with a count: a flood stays one line.
+_refusals = RateLimitedLog(log, 10.0)
 
 #: How long a closing connection may take to finish the TLS close before it is aborted.
 CLOSE_LINGER_S = 2.0
@@ -102,20 +105,22 @@ def admit_connection(transport: Any, *, serving: bool, open_connections: int, ma
     """
     why = alpn_refusal(transport) if check_alpn else None
     if why is not None:
-        log.info("refusing connection from %s: %s", peer_name(transport), why)
+        _refusals.log("alpn", logging.INFO, "refusing connection from %s: %s", peer_name(transport), why)
         refuse_connection(transport, Status.FAILED_PRECONDITION, why)
         return None
     if not serving:
         refuse_connection(transport, Status.UNAVAILABLE, "server is shutting down")
         return None
     if open_connections >= max_connections:
-        log.warning("refusing connection: max_connections (%d) reached", max_connections)
+        _refusals.log("max_connections", logging.WARNING, "refusing connection: max_connections (%d) reached",
+                      max_connections)
         refuse_connection(transport, Status.UNAVAILABLE,
                           f"max_connections ({max_connections}) reached; retry later")
         return None
     ip = peer_ip(transport)
     if not per_ip.try_add(ip):
-        log.warning("refusing connection from %s: max_connections_per_ip (%d) reached", ip, per_ip.limit)
+        _refusals.log("max_connections_per_ip", logging.WARNING,
+                      "refusing connection from %s: max_connections_per_ip (%d) reached", ip, per_ip.limit)
         refuse_connection(transport, Status.RESOURCE_EXHAUSTED,
                           f"max_connections_per_ip ({per_ip.limit}) reached for {ip}")
         return None
