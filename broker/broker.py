@@ -32,6 +32,7 @@ from broker.supervisor import Supervisor
 from broker.web import WebServer
 from cluster import wire
 from cluster.config import DEFAULT_APP, WorkerConfig, mismatch
+from cluster.curve import ClusterKeys, CurveGuard, check_endpoint, is_tcp
 from cluster.sharding import shard_for
 from cluster.zmqio import SocketReader
 from zrpc.address import AddressError, parse_listen_address
@@ -85,6 +86,8 @@ class BrokerConfig:
     app: str = DEFAULT_APP                    # module:function the spawned workers serve
     app_options: dict[str, Any] = field(default_factory=dict)  # passed to the app (chat rate limits)
     store: str = ""                           # history store URL for the workers ("" = data_dir)
+    cluster_keys: str | None = None           # CurveZMQ key set for tcp:// links (cluster/curve.py)
+    cluster_insecure: bool = False            # allow plaintext tcp:// off loopback
     log_summary_interval_s: float = 60.0      # the INFO activity line (broker/activity.py); 0: off
 
     def worker_config(self, shard: int, router: str, runtime_dir: str, data_dir: str) -> WorkerConfig:
@@ -96,7 +99,9 @@ class BrokerConfig:
                             log_level=self.log_level, max_message_size=srv.max_message_size,
                             stream_window=srv.stream_config.buffer_size,
                             max_buffered_messages=srv.stream_config.max_buffered_messages,
-                            app_options=dict(self.app_options), store=self.store)
+                            app_options=dict(self.app_options), store=self.store,
+                            cluster_keys=self.cluster_keys or "",
+                            cluster_insecure=self.cluster_insecure)
 
     @property
     def shard_count(self) -> int:
@@ -135,6 +140,7 @@ class Broker:
         self.failed = asyncio.Event()           # set with ``fatal``: the owner shuts the broker down
         self._cids = itertools.count(1)
         self._bus_connected: set[str] = set()
+        self.curve: CurveGuard | None = None  # CurveZMQ on tcp:// links (--cluster-keys)
         self._tasks: list[asyncio.Task[None]] = []
         self._server: asyncio.AbstractServer | None = None
         self._stopped = asyncio.Event()
@@ -190,7 +196,14 @@ class Broker:
         self.router.setsockopt(zmq.RCVHWM, 0)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router_endpoint = cfg.router or f"ipc://{runtime}/broker.ipc"
+        if cfg.cluster_keys:
+            with _startup_step("--cluster-keys", cfg.cluster_keys):
+                self.curve = CurveGuard(self.zctx, ClusterKeys.load(cfg.cluster_keys, "broker"))
         with _startup_step("--router", self.router_endpoint):
+            check_endpoint("--router", self.router_endpoint, self.curve is not None,
+                           cfg.cluster_insecure)
+            if self.curve is not None and is_tcp(self.router_endpoint):
+                self.curve.serve(self.router)
             self.router.bind(self.router_endpoint)
         self.sub: zmq.Socket[Any] = self.zctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, 100_000)
@@ -326,6 +339,7 @@ class Broker:
                            liveness=cfg.liveness, max_message_size=cfg.server.max_message_size)
             if why is not None:
                 raise Refusal(why, fatal=True)
+            bus_key = self._bus_key(info)
             old = self.registry.by_identity.get(identity)
             shard = info.get("shard")
             prev = self.registry.for_shard(shard) if type(shard) is int else None
@@ -346,9 +360,23 @@ class Broker:
             if self.supervisor is not None:
                 self.supervisor.worker_registered(w.pid)
         if w.bus and w.bus not in self._bus_connected:
+            if bus_key is not None and self.curve is not None:
+                self.curve.client(self.sub, bus_key)
             self.sub.connect(w.bus)
             self._bus_connected.add(w.bus)
         self._send([identity, wire.HEARTBEAT])
+
+    def _bus_key(self, info: dict[str, Any]) -> bytes | None:
+        """The CurveZMQ public key of a worker's tcp:// bus (READY ``curve_key``), when the
+        cluster links are encrypted; it must be one of the key set's authorized keys."""
+        bus = info.get("bus")
+        if self.curve is None or not isinstance(bus, str) or not is_tcp(bus):
+            return None
+        key = info.get("curve_key")
+        if not isinstance(key, str) or key.encode() not in self.curve.keys.authorized:
+            raise Refusal(f"worker bus {bus} must be encrypted with an authorized CurveZMQ key: "
+                          "start the worker with --cluster-keys", fatal=True)
+        return key.encode()
 
     def _internal(self, identity: bytes) -> EdgeSession:
         s = self.internal.get(identity)
@@ -471,6 +499,8 @@ class Broker:
         self._sub_reader.close()
         self.router.close(0)
         self.sub.close(0)
+        if self.curve is not None:
+            self.curve.close()
         self.zctx.term()
         if self._server is not None:
             with contextlib.suppress(Exception):

@@ -73,6 +73,11 @@ def _authenticator(secret: str | None, public_key_file: str | None, audience: st
               help="Number of shards (default: --workers; required with --workers 0).")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, envvar="ZRPC_DATA_DIR",
               help="Where workers keep history (default: $ZRPC_HOME/data).")
+@click.option("--cluster-keys", type=click.Path(file_okay=False), default=None, envvar="ZRPC_CLUSTER_KEYS",
+              help="CurveZMQ key set (from `zrpc-broker keys create DIR`): encrypt and authenticate "
+                   "every tcp:// link between brokers and workers.")
+@click.option("--cluster-insecure", is_flag=True, envvar="ZRPC_CLUSTER_INSECURE",
+              help="Allow plaintext tcp:// cluster links on non-loopback addresses.")
 @click.option("--store", default=None, envvar="ZRPC_STORE",
               help="History store URL for the workers: postgresql://user@host:port/db, or "
                    "sqlite:///path/shard-{shard}.sqlite (default: DATA_DIR/shard-N.sqlite).")
@@ -148,7 +153,7 @@ def _authenticator(secret: str | None, public_key_file: str | None, audience: st
               help="Write {address, pid, router, web, quic} as JSON here once every shard has a live "
                    "worker (web, quic: HOST:PORT of --web-port / --quic-listen, when on).")
 def start(listen: str, quic_listen: str | None, workers: int, shards: int | None, data_dir: str | None,
-          store: str | None, router: str | None,
+          store: str | None, cluster_keys: str | None, cluster_insecure: bool, router: str | None,
           runtime_dir: str | None, cert: str | None, key: str | None, ca: str | None,
           require_client_cert: bool, insecure: bool, heartbeat_ms: int, liveness: int,
           max_connections: int, max_connections_per_ip: int, idle_timeout_ms: int,
@@ -196,7 +201,8 @@ def start(listen: str, quic_listen: str | None, workers: int, shards: int | None
                           liveness=liveness, server=server, metrics_port=metrics_port,
                           web_port=web_port, web_origins=tuple(web_origins),
                           log_level=log_level, app=app_ref or DEFAULT_APP, app_options=app_options,
-                          store=store or "",
+                          store=store or "", cluster_keys=cluster_keys,
+                          cluster_insecure=cluster_insecure,
                           log_summary_interval_s=log_summary_interval)
 
     async def run() -> str | None:
@@ -257,6 +263,32 @@ def start(listen: str, quic_listen: str | None, workers: int, shards: int | None
     if fatal is not None:
         click.echo(f"zrpc-broker: {fatal}", err=True)
         sys.exit(1)
+
+
+
+@main.group()
+def keys() -> None:
+    """CurveZMQ keys for the links between brokers and workers (--cluster-keys)."""
+
+
+@keys.command("create")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--name", default="", help="Add one more worker key pair NAME to an existing set.")
+def keys_create(directory: str, name: str) -> None:
+    """Write a cluster key set into DIRECTORY.
+
+    broker.key_secret goes to broker hosts, worker.key_secret to worker hosts,
+    broker.key and authorized/ to every host; then start brokers and workers
+    with --cluster-keys DIRECTORY (see docs/operations.md, "Production layout").
+    """
+    from cluster.curve import create_keys
+
+    try:
+        written = create_keys(directory, name)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    for path in written:
+        click.echo(str(path))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import click
 
 from cli.common import LOG_LEVELS, check_store_url, run_async, setup_logging, tune_gc
 from cluster.config import DEFAULT_APP, WorkerConfig
+from cluster.curve import ClusterKeys
 from workers.app import load_app
 from workers.runtime import LeaseLost, serve
 
@@ -45,6 +46,11 @@ def _default_bus(broker: str, shard: int) -> str:
               help="History store URL: sqlite:///path/shard-{shard}.sqlite or "
                    "postgresql://user@host:port/db ({shard} is replaced by the shard number; "
                    "default: DATA_DIR/shard-N.sqlite).")
+@click.option("--cluster-keys", type=click.Path(file_okay=False), default=None, envvar="ZRPC_CLUSTER_KEYS",
+              help="CurveZMQ key set (from `zrpc-broker keys create DIR`): encrypt and authenticate "
+                   "every tcp:// link between brokers and workers.")
+@click.option("--cluster-insecure", is_flag=True, envvar="ZRPC_CLUSTER_INSECURE",
+              help="Allow plaintext tcp:// cluster links on non-loopback addresses.")
 @click.option("--heartbeat-ms", type=int, default=1000, show_default=True, envvar="ZRPC_HEARTBEAT_MS",
               help="Heartbeat interval; must equal the broker's.")
 @click.option("--liveness", type=int, default=3, show_default=True, envvar="ZRPC_LIVENESS",
@@ -65,7 +71,7 @@ def _default_bus(broker: str, shard: int) -> str:
 @click.pass_context
 def main(ctx: click.Context, config_json: str | None, shard: int | None, shards: int | None,
          brokers: tuple[str, ...], bus: str | None, data_dir: str | None, store: str | None,
-         heartbeat_ms: int, liveness: int, max_message_size: int, stream_window: int,
+         cluster_keys: str | None, cluster_insecure: bool, heartbeat_ms: int, liveness: int, max_message_size: int, stream_window: int,
          max_buffered_messages: int, chat_rate_per_s: float | None, chat_rate_burst: int | None,
          app_ref: str, log_level: str) -> None:
     """Serve shard SHARD of SHARDS for the brokers at BROKER.
@@ -80,10 +86,15 @@ def main(ctx: click.Context, config_json: str | None, shard: int | None, shards:
     one holds the shard's lease and serves, the others wait as standbys and
     take over when it dies. A worker that loses its lease exits with status 75.
     """
-    config = _config(ctx, config_json, shard, shards, brokers, bus, data_dir, store, heartbeat_ms,
-                     liveness, max_message_size, stream_window, max_buffered_messages,
+    config = _config(ctx, config_json, shard, shards, brokers, bus, data_dir, store, cluster_keys,
+                     cluster_insecure, heartbeat_ms, liveness, max_message_size, stream_window, max_buffered_messages,
                      chat_rate_per_s, chat_rate_burst, app_ref, log_level)
     setup_logging(config.log_level, f"worker-{config.shard}")
+    if config.cluster_keys:
+        try:
+            ClusterKeys.load(config.cluster_keys, "worker")
+        except ValueError as exc:
+            raise click.UsageError(f"--cluster-keys: {exc}") from None
     if config.data_dir:
         Path(config.data_dir).mkdir(parents=True, exist_ok=True)
     try:
@@ -111,7 +122,7 @@ def main(ctx: click.Context, config_json: str | None, shard: int | None, shards:
 
 def _config(ctx: click.Context, config_json: str | None, shard: int | None, shards: int | None,
             brokers: tuple[str, ...], bus: str | None, data_dir: str | None, store: str | None,
-            heartbeat_ms: int, liveness: int, max_message_size: int, stream_window: int,
+            cluster_keys: str | None, cluster_insecure: bool, heartbeat_ms: int, liveness: int, max_message_size: int, stream_window: int,
             max_buffered_messages: int, chat_rate_per_s: float | None, chat_rate_burst: int | None,
             app_ref: str, log_level: str) -> WorkerConfig:
     """The one WorkerConfig, from --config or from the other options."""
@@ -141,8 +152,8 @@ def _config(ctx: click.Context, config_json: str | None, shard: int | None, shar
             options["rate_burst"] = chat_rate_burst
         return WorkerConfig(shard=shard, shards=shards, brokers=brokers,
                             bus=bus or _default_bus(brokers[0], shard), data_dir=data_dir or "",
-                            store=store or "",
-                            heartbeat_ms=heartbeat_ms, liveness=liveness, app=app_ref,
+                            store=store or "", cluster_keys=cluster_keys or "",
+                            cluster_insecure=cluster_insecure, heartbeat_ms=heartbeat_ms, liveness=liveness, app=app_ref,
                             log_level=log_level, max_message_size=max_message_size,
                             stream_window=stream_window, max_buffered_messages=max_buffered_messages,
                             app_options=options)

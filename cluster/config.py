@@ -17,6 +17,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from cluster.curve import check_endpoint
 from zrpc.config import ServerConfig, StreamConfig
 
 __all__ = ["DEFAULT_APP", "WorkerConfig", "mismatch"]
@@ -37,6 +38,10 @@ class WorkerConfig:
     #: History store URL (``sqlite:///path`` or ``postgresql://...``, ``{shard}`` replaced);
     #: "" means the SQLite file ``<data_dir>/shard-<k>.sqlite``.
     store: str = ""
+    #: CurveZMQ key set for tcp:// links (``zrpc-broker keys create``); "" = plaintext.
+    cluster_keys: str = ""
+    #: Allow plaintext tcp:// links on non-loopback addresses.
+    cluster_insecure: bool = False
     heartbeat_ms: int = 1000
     liveness: int = 3
     app: str = DEFAULT_APP
@@ -56,6 +61,10 @@ class WorkerConfig:
         if self.heartbeat_ms < 1 or self.liveness < 1:
             raise ValueError("--heartbeat-ms and --liveness must be positive")
         object.__setattr__(self, "brokers", tuple(self.brokers))
+        has_keys = bool(self.cluster_keys)
+        check_endpoint("--bus", self.bus, has_keys, self.cluster_insecure)
+        for broker in self.brokers:
+            check_endpoint("--broker", broker, has_keys, self.cluster_insecure)
         self.server  # noqa: B018  (validates the limits now, not at the first call)
 
     @property

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from pgserver import PostgresServer, find_bindir, missing_reason
+from pgserver import PostgresServer, require_postgres
 
 import zrpc
 
@@ -63,13 +62,7 @@ def pg_server() -> Iterator[PostgresServer]:
 
     Skips when the server binaries are missing; fails instead under CI=true.
     """
-    why = missing_reason()
-    if why is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
-    bindir = find_bindir()
-    assert bindir is not None
+    bindir = require_postgres()
     server = PostgresServer(bindir)
     try:
         yield server.start()

@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-__all__ = ["PostgresServer", "find_bindir", "missing_reason"]
+__all__ = ["PostgresServer", "find_bindir", "missing_reason", "require_postgres"]
 
 
 def find_bindir() -> Path | None:
@@ -46,6 +46,19 @@ def missing_reason() -> str | None:
     return None
 
 
+def require_postgres() -> Path:
+    """For a test: the bin directory, else skip (fail under CI=true, where it must be there)."""
+    import pytest
+
+    why = missing_reason()
+    bindir = find_bindir()
+    if why is not None or bindir is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(why or "no PostgreSQL")
+        pytest.skip(why or "no PostgreSQL")
+    return bindir
+
+
 def _has_user(name: str) -> bool:
     try:
         pwd.getpwnam(name)
@@ -63,10 +76,12 @@ def _free_port(host: str) -> int:
 class PostgresServer:
     """One PostgreSQL cluster in a temporary directory (see the module docstring)."""
 
-    def __init__(self, bindir: Path, host: str = "127.0.0.1", *, fsync: bool = False) -> None:
+    def __init__(self, bindir: Path, host: str = "127.0.0.1", *, fsync: bool = False,
+                 also_listen: tuple[str, ...] = ()) -> None:
         self.bindir = bindir
         self.fsync = fsync
         self.host = host
+        self.also_listen = also_listen  # more addresses (a test's network namespaces reach these)
         self.port = 0
         self.dir = Path(tempfile.mkdtemp(prefix="zrpc-pg-"))
         self.data = self.dir / "data"
@@ -87,8 +102,14 @@ class PostgresServer:
             shutil.chown(self.dir, self._user)
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
                   "--no-sync", "--no-instructions")
+        if self.also_listen:  # admit the /24 of each extra address (a test's namespaces)
+            with (self.data / "pg_hba.conf").open("a") as hba:
+                for addr in self.also_listen:
+                    net = addr.rsplit(".", 1)[0] + ".0/24"
+                    hba.write(f"host all all {net} trust\n")
         self.port = _free_port(self.host)
-        opts = (f"-p {self.port} -k {self.dir} -c listen_addresses={self.host} "
+        listen = ",".join((self.host, *self.also_listen))
+        opts = (f"-p {self.port} -k {self.dir} -c listen_addresses={listen} "
                 f"-c fsync={'on' if self.fsync else 'off'} "
                 "-c max_connections=200 -c shared_buffers=32MB")
         self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.dir / "log"),

@@ -7,20 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 import pytest
 import uvloop
-from pgserver import PostgresServer
+from netns import Hosts
+from pgserver import PostgresServer, require_postgres
 
 import zrpc
 from cluster.sharding import shard_for
-from procs import BrokerProc, Proc, start_broker, start_worker, wait_for
+from procs import BIN, BrokerProc, Proc, env_for, start_broker, wait_for
 from zrpc.chat import ChatResponse, Message, ResponseType
 from zrpc.chat_client import Backoff, ChatClient
 
@@ -79,7 +83,7 @@ def test_broker_store_flag_keeps_history_in_postgresql(pg_broker: BrokerProc, pg
     assert not list((tmp_path / "data").glob("*.sqlite"))
 
 
-# -- shard fail-over: one shard, two workers sharing the store ------------------------
+# -- shard fail-over over CurveZMQ, each worker on its own "host" ----------------------
 
 HEARTBEAT_MS, LIVENESS = 300, 3
 
@@ -98,55 +102,98 @@ def lease_holder(url: str, shard: int = 0) -> tuple[int, int] | None:
     return None if row is None else (int(row[0].rsplit(":", 1)[1]), int(row[1]))
 
 
+@dataclass
+class Net:
+    """Worker hosts, a PostgreSQL they reach, and two CurveZMQ key sets (the second unknown)."""
+
+    hosts: Hosts
+    pg: PostgresServer
+    keys: Path
+    wrong_keys: Path
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
+    bindir = require_postgres()
+    base = tmp_path_factory.mktemp("cluster")
+    for name in ("keys", "wrong-keys"):  # through the command operators use
+        subprocess.run([str(BIN / "zrpc-broker"), "keys", "create", str(base / name)], check=True,
+                       env=env_for(base), capture_output=True, timeout=60)
+    # The intruder knows the brokers' public key (it is public), not an authorized secret.
+    shutil.copy(base / "keys" / "broker.key", base / "wrong-keys" / "broker.key")
+    hosts = Hosts(3)
+    pg = PostgresServer(bindir, also_listen=hosts.broker_addresses())
+    try:
+        pg.start()
+        yield Net(hosts, pg, base / "keys", base / "wrong-keys")
+    finally:
+        try:
+            pg.stop()
+        finally:
+            hosts.close()
+
+
 class OneShard:
-    """A broker (tcp:// router, no workers of its own) and N workers for shard 0 of 1."""
+    """A broker (tcp:// router with Curve keys, no workers of its own) and workers for
+    shard 0 of 1, worker ``i`` on worker host ``i``."""
 
-    def __init__(self, home: Path, url: str) -> None:
-        self.home, self.url = home, url
-        self.router = f"tcp://127.0.0.1:{free_port()}"
-        self.broker = start_broker(home, "--workers", "0", "--shards", "1", "--router", self.router,
-                                   "--liveness", str(LIVENESS), app=None, heartbeat_ms=HEARTBEAT_MS)
-        self.workers: dict[str, Proc] = {}
+    def __init__(self, home: Path, net: Net) -> None:
+        self.home, self.net = home, net
+        self.db = net.pg.new_database().rsplit("/", 1)[1]
+        self.url = net.pg.url(self.db)
+        self.port = free_port()
+        bind = "0.0.0.0" if net.hosts.netns else "127.0.0.1"
+        self.broker = start_broker(home, "--workers", "0", "--shards", "1",
+                                   "--router", f"tcp://{bind}:{self.port}",
+                                   "--cluster-keys", str(net.keys), "--liveness", str(LIVENESS),
+                                   app=None, heartbeat_ms=HEARTBEAT_MS)
+        self.workers: dict[int, Proc] = {}
 
-    def worker(self, name: str) -> Proc:
-        args = ["--shard", "0", "--shards", "1", "--broker", self.router,
-                "--bus", f"tcp://127.0.0.1:{free_port()}", "--store", self.url,
+    def worker(self, i: int, keys: Path | None = None, store: bool = True) -> Proc:
+        hosts, me, broker = self.net.hosts, self.net.hosts.address(i), self.net.hosts.broker_side(i)
+        args = ["--shard", "0", "--shards", "1", "--broker", f"tcp://{broker}:{self.port}",
+                "--bus", f"tcp://{me}:{free_port()}", "--cluster-keys", str(keys or self.net.keys),
                 "--heartbeat-ms", str(HEARTBEAT_MS), "--liveness", str(LIVENESS),
                 "--chat-rate-per-s", "0"]
-        p = self.workers[name] = start_worker(self.home, *args, name=name)
+        args += (["--store", f"postgresql://postgres@{broker}:{self.net.pg.port}/{self.db}"]
+                 if store else ["--data-dir", str(self.home / f"data-{i}")])
+        argv = [*hosts.prefix(i), str(BIN / "zrpc-worker"), *args]
+        p = self.workers[i] = Proc(argv, env_for(self.home), self.home / f"w{i}.log").start()
         return p
 
-    def by_pid(self, pid: int) -> str:
-        return next(name for name, p in self.workers.items() if p.pid == pid)
+    def host_of(self, pid: int) -> int:
+        return next(i for i, p in self.workers.items() if p.pid == pid)
 
     def stop(self) -> None:
-        for p in self.workers.values():
+        for i, p in self.workers.items():
+            if self.net.hosts.netns:
+                self.net.hosts.heal(i)
             p.signal(signal.SIGCONT)
             p.stop()
         self.broker.stop()
 
 
 @pytest.fixture
-def one_shard(tmp_path: Path, pg_url: str) -> Iterator[OneShard]:
-    c = OneShard(tmp_path, pg_url)
+def one_shard(tmp_path: Path, net: Net) -> Iterator[OneShard]:
+    c = OneShard(tmp_path, net)
     try:
-        c.worker("w1")
-        c.broker.wait_ready()  # w1 holds the lease and registered
-        c.worker("w2")
-        wait_for(lambda: "standing by" in c.workers["w2"].output(), what="w2 standing by")
+        c.worker(1)
+        c.broker.wait_ready()  # w1 holds the lease and registered, over CurveZMQ
+        c.worker(2)
+        wait_for(lambda: "standing by" in c.workers[2].output(), what="w2 standing by")
         yield c
     finally:
         c.stop()
 
 
-def run_load_through_failover(c: OneShard, fault: Callable[[Proc], None]) -> dict[str, float]:
-    """Retrying keyed senders under load; ``fault`` hits the active worker once 60 sends
-    were acked. Checks that every message is stored exactly once, ids contiguous, and
-    returns timings: fault -> new lease holder, fault -> first ack served after it."""
+def run_load_through_failover(c: OneShard, fault: Callable[[int], None]) -> dict[str, float]:
+    """Retrying keyed senders under load; ``fault(host)`` hits the active worker's host once
+    60 sends were acked. Checks that every message is stored exactly once, ids contiguous,
+    and returns timings: fault -> new lease holder, fault -> first ack served after it."""
     room, senders, per_sender, window = "lobby", 8, 40, 4
     active = lease_holder(c.url)
     assert active is not None
-    victim = c.workers[c.by_pid(active[0])]
+    victim = c.host_of(active[0])
     timings: dict[str, float] = {}
 
     async def main() -> list[int]:
@@ -200,31 +247,55 @@ def run_load_through_failover(c: OneShard, fault: Callable[[Proc], None]) -> dic
     assert [mid for mid, _ in rows] == list(range(1, total + 1))  # contiguous, nothing extra
     assert sorted(contents) == sorted(f"{k}-{i}" for k in range(senders) for i in range(per_sender))
     assert sorted(acked_ids) == list(range(1, total + 1))  # every ack names its own stored id
-    print(f"fail-over: new lease holder after {timings['lease']:.2f} s, "
-          f"first ack after {timings['first_ack']:.2f} s")
+    print(f"fail-over ({'netns' if c.net.hosts.netns else 'loopback'}): new lease holder after "
+          f"{timings['lease']:.2f} s, first ack after {timings['first_ack']:.2f} s")
     return timings
 
 
 def test_killed_active_worker_is_replaced_by_the_standby(one_shard: OneShard) -> None:
-    t = run_load_through_failover(one_shard, lambda p: p.signal(signal.SIGKILL))
-    assert t["lease"] > 0
+    run_load_through_failover(one_shard, lambda i: one_shard.workers[i].signal(signal.SIGKILL))
     holder = lease_holder(one_shard.url)
-    assert holder is not None and one_shard.by_pid(holder[0]) == "w2"
+    assert holder is not None and one_shard.host_of(holder[0]) == 2
 
 
-def test_a_frozen_active_worker_is_fenced_when_it_comes_back(one_shard: OneShard) -> None:
-    """SIGSTOP cuts the active worker off from everything (broker, PostgreSQL); after SIGCONT
-    it finds its lease taken, writes nothing (fenced) and exits 75 to come back as a standby."""
-    frozen: list[Proc] = []
+def test_partitioned_active_worker_cannot_write_after_it_heals(one_shard: OneShard) -> None:
+    """The active worker's host loses its link (network namespaces; without them the
+    process is frozen with SIGSTOP): the standby takes over; once the link is back, the
+    old worker finds its lease taken, writes nothing (fenced) and exits 75."""
+    c, hosts = one_shard, one_shard.net.hosts
+    cut: list[int] = []
 
-    def freeze(p: Proc) -> None:
-        p.signal(signal.SIGSTOP)
-        frozen.append(p)
+    def partition(i: int) -> None:
+        hosts.partition(i) if hosts.netns else c.workers[i].signal(signal.SIGSTOP)
+        cut.append(i)
 
-    run_load_through_failover(one_shard, freeze)
-    (old,) = frozen
-    ids_before = stored_ids(one_shard.url, "lobby")
-    old.signal(signal.SIGCONT)
-    assert old.wait(30) == 75, old.output()
-    assert "lost the lease of shard 0" in old.output()
-    assert stored_ids(one_shard.url, "lobby") == ids_before
+    run_load_through_failover(c, partition)
+    (old,) = cut
+    ids_before = stored_ids(c.url, "lobby")
+    hosts.heal(old) if hosts.netns else c.workers[old].signal(signal.SIGCONT)
+    assert c.workers[old].wait(30) == 75, c.workers[old].output()
+    assert "lost the lease of shard 0" in c.workers[old].output()
+    assert stored_ids(c.url, "lobby") == ids_before
+
+
+def test_a_worker_with_unknown_keys_is_refused(one_shard: OneShard) -> None:
+    intruder = one_shard.worker(3, keys=one_shard.net.wrong_keys, store=False)
+    key = (one_shard.net.wrong_keys / "worker.key").read_text()
+    public = key.split('public-key = "', 1)[1].split('"', 1)[0]
+    wait_for(lambda: f"refused a cluster peer: its CurveZMQ public key {public}"
+             in one_shard.broker.output(), what="the broker refusing the unknown key")
+    assert intruder.popen is not None and intruder.popen.poll() is None  # still knocking
+    assert f"pid {intruder.pid} registered" not in one_shard.broker.output()
+
+
+@pytest.mark.parametrize("command", [
+    ["zrpc-broker", "start", "--workers", "0", "--shards", "1", "--router", "tcp://0.0.0.0:{port}"],
+    ["zrpc-worker", "--shard", "0", "--shards", "1", "--broker", "tcp://127.0.0.1:{port}",
+     "--bus", "tcp://0.0.0.0:{port}", "--data-dir", "{home}"],
+])
+def test_plaintext_tcp_off_loopback_is_refused(tmp_path: Path, command: list[str]) -> None:
+    argv = [str(BIN / command[0]), *(a.format(port=free_port(), home=tmp_path) for a in command[1:])]
+    proc = subprocess.run(argv, env=env_for(tmp_path), capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "--cluster-keys" in proc.stderr and "--cluster-insecure" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

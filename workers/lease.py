@@ -87,6 +87,7 @@ class ShardLease:
         self.token: int | None = None
         self._sent = 0.0  # loop time the last successful acquire/renewal was sent
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._abandoned: list[asyncio.Future[list[Any]]] = []  # renewals left unanswered
 
     def _params(self) -> dict[str, Any]:
         c = self.config
@@ -139,12 +140,19 @@ class ShardLease:
         valid_until = self._sent + c.ttl_ms / 1000  # conservative: the database's clock started later
         while not stop.is_set():
             sent = loop.time()
-            try:
-                rows = await asyncio.wait_for(self._execute(_RENEW), max(0.0, valid_until - sent))
-            except (psycopg.OperationalError, TimeoutError) as exc:
-                rows = None
-                log.warning("lease of shard %d: renewal failed (%s)", c.shard,
-                            str(exc) or type(exc).__name__)
+            renewal = asyncio.ensure_future(self._execute(_RENEW))
+            await asyncio.wait([renewal], timeout=max(0.0, valid_until - sent))
+            rows: list[Any] | None = None
+            if not renewal.done():
+                # Not answered in time (a cut link): give up on it without waiting for the
+                # cancellation, which libpq would try over the same cut link.
+                self._abandoned.append(renewal)
+                self._conn = None
+                log.warning("lease of shard %d: renewal unanswered", c.shard)
+            elif renewal.exception() is not None:
+                log.warning("lease of shard %d: renewal failed (%s)", c.shard, renewal.exception())
+            else:
+                rows = renewal.result()
             if rows == []:
                 log.error("lease of shard %d (token %s) was taken over: stopping", c.shard, self.token)
                 return False
@@ -176,3 +184,5 @@ class ShardLease:
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.close()
+        for renewal in self._abandoned:
+            renewal.cancel()

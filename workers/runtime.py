@@ -31,6 +31,7 @@ import zmq
 
 from cluster import wire
 from cluster.config import WorkerConfig
+from cluster.curve import ClusterKeys, CurveGuard, is_tcp
 from cluster.sharding import shard_for
 from cluster.wire import trust_principal
 from cluster.zmqio import SocketReader
@@ -99,6 +100,8 @@ class BrokerLink:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
+        if w.curve is not None and is_tcp(self.endpoint):
+            w.curve.client(sock, w.curve.keys.broker_public)
         sock.connect(self.endpoint)
         self._sync = sock
         self.reader = SocketReader(sock, self._handle)
@@ -210,6 +213,10 @@ class Worker:
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.bus = ZmqBus(self.pub)
+        self.curve = (CurveGuard(self.zctx, ClusterKeys.load(config.cluster_keys, "worker"))
+                      if config.cluster_keys else None)
+        if self.curve is not None and is_tcp(config.bus):
+            self.curve.serve(self.pub)
         self.routes: dict[ServerSession, tuple[BrokerLink, bytes]] = {}
         self.dispatcher = Dispatcher(config.server, bus=self.bus, attach=self._attach)
         self.fatal: str | None = None  # why a broker refused us for good (the process exits)
@@ -224,7 +231,8 @@ class Worker:
         return {"version": wire.CLUSTER_VERSION, "shard": cfg.shard, "shards": cfg.shards,
                 "pid": os.getpid(), "methods": self.dispatcher.describe(),
                 "settings": {"version": 1, **cfg.server.settings().announce()}, "bus": cfg.bus,
-                "agree": cfg.agreement(), **({"lease": self.fence[1]} if self.fence else {})}
+                "agree": cfg.agreement(), **({"lease": self.fence[1]} if self.fence else {}),
+                **({"curve_key": self.curve.keys.public.decode()} if self.curve else {})}
 
     def activity(self) -> dict[str, int]:
         return self.app.drain_activity()
@@ -278,6 +286,8 @@ class Worker:
                     link.reader.close()
                     link._sync.close(0)
             self.pub.close(0)
+            if self.curve is not None:
+                self.curve.close()
             self.zctx.term()
 
 

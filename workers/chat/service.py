@@ -386,18 +386,22 @@ class ChatService:
         return True
 
     # ------------------------------------------------------ message pipeline
-    def _duplicate(self, room: str, user: str, content: str, key: str) -> _Accepted | None:
+    async def _duplicate(self, room: str, user: str, content: str, key: str) -> _Accepted | None:
         """The first send of ``key`` by ``user`` in ``room``, in flight or stored, or None.
 
         In flight: its own ``(state, message, commit future)``; stored: the
-        stored id and timestamp with an already completed future.
+        stored id and timestamp with an already completed future. The caller
+        accepts a new message right after this returns None (no await between).
         """
         if not key:
             return None
         inflight = self._keys.get((room, user, key))
         if inflight is not None:
             return inflight
-        found = self.store.find_key(room, user, key)
+        found = await self.store.find_key_async(room, user, key)
+        inflight = self._keys.get((room, user, key))  # accepted by a retry meanwhile?
+        if inflight is not None:
+            return inflight
         if found is None:
             return None
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -410,13 +414,13 @@ class ChatService:
         """Take a validated message in: the first send of its idempotency key
         if there was one (not rate-limited again), else a new accepted send
         after the rate check (``paced``: wait for the rate, else refuse)."""
-        dup = self._duplicate(room, user, content, key)
+        dup = await self._duplicate(room, user, content, key)
         if dup is not None:
             return dup
         if not paced:
             self._check_rate(user)
         elif await self._pace(user, ctx, details):
-            dup = self._duplicate(room, user, content, key)  # sent meanwhile by a retry?
+            dup = await self._duplicate(room, user, content, key)  # sent meanwhile by a retry?
             if dup is not None:
                 return dup
         return self._accept(room, user, content, bus, key)

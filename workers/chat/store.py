@@ -238,6 +238,11 @@ class MessageStore:
         with idempotency ``key``, or None (never stored, or out of the window)."""
         raise NotImplementedError
 
+    async def find_key_async(self, room: str, user: str, key: str) -> tuple[int, int] | None:
+        """:meth:`find_key` for the event loop: inline for a local file, in a thread for a
+        database across the network (whose round trip must not block the loop)."""
+        return self.find_key(room, user, key)
+
     def prune_keys(self, now_ms: int) -> int:
         """Delete the idempotency keys of every room that left the window
         (see :class:`StoreConfig`); returns how many. The writer thread also

@@ -40,6 +40,7 @@ again, so it is neither lost nor stored twice.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -210,6 +211,9 @@ class PostgresStore(MessageStore):
             "SELECT id, ts FROM zrpc_idempotency_keys WHERE room = %s AND user_name = %s"
             " AND key = %s", (_bytes(room), _bytes(user), _bytes(key))).fetchone())
         return None if row is None else (row[0], row[1])
+
+    async def find_key_async(self, room: str, user: str, key: str) -> tuple[int, int] | None:
+        return await asyncio.to_thread(self.find_key, room, user, key)
 
     def prune_keys(self, now_ms: int) -> int:
         def prune(conn: psycopg.Connection[Any]) -> int:

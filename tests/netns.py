@@ -1,0 +1,85 @@
+"""Separate "hosts" for the cluster test: Linux network namespaces, else loopback addresses.
+
+As root with iproute2, each worker host is a network namespace joined to the
+test's own namespace (the broker and PostgreSQL "host") by a veth pair:
+worker host ``i`` is ``10.213.i.2``, and reaches the broker host at
+``10.213.i.1``. :meth:`Hosts.partition` takes the pair's link down (nothing
+passes either way, TCP connections stay open) and :meth:`Hosts.heal` brings it
+back. Everything created is removed by :meth:`Hosts.close`, even after a
+failure. Without root (or ``ip``), worker host ``i`` is ``127.0.0.(i+1)`` on
+the loopback interface and :attr:`Hosts.netns` is False: a partition can then
+only be simulated (the test freezes the process instead).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+__all__ = ["Hosts"]
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, timeout=10, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE)
+
+
+class Hosts:
+    """``count`` worker hosts (see the module docstring)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.netns = False
+        self.why_not = ""
+        self._tag = f"{os.getpid() % 46656:03x}"  # short: interface names have 15 characters
+        self._made: list[tuple[str, str]] = []  # (namespace, root-side link)
+        if os.geteuid() != 0 or shutil.which("ip") is None:
+            self.why_not = "network namespaces need root and iproute2"
+            return
+        try:
+            for i in range(1, count + 1):
+                self._make(i)
+            self.netns = True
+        except (subprocess.SubprocessError, OSError) as exc:
+            self.why_not = f"cannot create network namespaces: {exc}"
+            self.close()
+
+    def _make(self, i: int) -> None:
+        ns, a, b = f"zq{self._tag}w{i}", f"zq{self._tag}{i}a", f"zq{self._tag}{i}b"
+        _ip("netns", "add", ns)
+        self._made.append((ns, a))
+        _ip("link", "add", a, "type", "veth", "peer", "name", b, "netns", ns)
+        _ip("addr", "add", f"10.213.{i}.1/24", "dev", a)
+        _ip("link", "set", a, "up")
+        _ip("-n", ns, "addr", "add", f"10.213.{i}.2/24", "dev", b)
+        _ip("-n", ns, "link", "set", b, "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+
+    def broker_side(self, i: int) -> str:
+        """The broker host's address as worker host ``i`` reaches it."""
+        return f"10.213.{i}.1" if self.netns else "127.0.0.1"
+
+    def broker_addresses(self) -> tuple[str, ...]:
+        """Every address of the broker host that worker hosts use."""
+        return tuple(self.broker_side(i) for i in range(1, self.count + 1)) if self.netns else ()
+
+    def address(self, i: int) -> str:
+        """Worker host ``i``'s own address."""
+        return f"10.213.{i}.2" if self.netns else f"127.0.0.{i + 1}"
+
+    def prefix(self, i: int) -> list[str]:
+        """argv prefix running a command on worker host ``i``."""
+        return ["ip", "netns", "exec", f"zq{self._tag}w{i}"] if self.netns else []
+
+    def partition(self, i: int) -> None:
+        _ip("link", "set", f"zq{self._tag}{i}a", "down")
+
+    def heal(self, i: int) -> None:
+        _ip("link", "set", f"zq{self._tag}{i}a", "up")
+
+    def close(self) -> None:
+        for ns, link in reversed(self._made):
+            subprocess.run(["ip", "link", "del", link], timeout=10, capture_output=True)
+            subprocess.run(["ip", "netns", "del", ns], timeout=10, capture_output=True)
+        self._made.clear()
