@@ -233,11 +233,15 @@ async def run_unary(spec: dict[str, Any]) -> dict[str, Any]:
             from zrpc.chat import ChatResponse, Message
 
             rooms = int(spec.get("rooms", 64))
+            keyed = bool(spec.get("keyed"))  # an idempotency key per message (dedupe index)
+            run_id = os.urandom(6).hex()
 
             async def call(i: int) -> Any:
+                key = f"{run_id}-{i}" if keyed else ""
                 r = await clients[i % nconn].unary("Chat/SendMessage",
                                        Message(user=f"user{i % 1000}", content=BODY_100,
-                                               room=f"room-{i % rooms}"), ChatResponse)
+                                               room=f"room-{i % rooms}", idempotency_key=key),
+                                       ChatResponse)
                 if r.type != "ack":
                     raise RuntimeError(f"not acked: {r}")
         else:

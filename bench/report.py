@@ -127,7 +127,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             None if z is None else z <= 64, f"{zc.get('connections') if zc else 0} connections held")
     # 7. durable chat
     if cases(results, "durable_chat"):
-        z = _tp(find(results, "durable_chat", "zrpc-broker"))
+        z = _tp(find(results, "durable_chat", "zrpc-broker", keyed=None))
         say = _tp(find(results, "unary", "zrpc-broker", concurrency=64))
         row("7", "durable_chat", ">= 10,000 acked durable sends/s (broker, 2 workers, c64)", "sends/s",
             z, None, say, _ratio(z, say), None if z is None else z >= 10_000,
@@ -137,6 +137,11 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         row("7b", "durable_chat", ">= 50% of the SQLite acked sends/s through PostgreSQL", "sends/s",
             pg, z, None, r, None if r is None else r >= 0.5,
             "peer: the SQLite store (default); PostgreSQL on this machine, fsync on, server CPU not counted")
+        keyed = _tp(find(results, "durable_chat", "zrpc-broker", keyed=True))
+        r = _ratio(keyed, z)
+        row("7c", "durable_chat", "idempotency keys cost <= 15% of acked sends/s (SQLite)", "sends/s",
+            keyed, z, None, r, None if r is None else r >= 0.85,
+            "peer: the same sends without a key (no dedupe lookup, no key row)")
     # 8. QUIC beside TLS/TCP (same server process, cases back to back)
     for c in cases(results, "quic"):
         if c["impl"] != "zrpc-quic":

@@ -340,7 +340,8 @@ def _postgres() -> Iterator[str]:
 
 
 def s_durable_chat(ctx: Context) -> list[dict[str, Any]]:
-    """Acked sends through the SQLite store (default), then the same through PostgreSQL."""
+    """Acked sends through the SQLite store (default), with and without idempotency keys,
+    then the same through PostgreSQL."""
     spec = {"kind": "unary", "target": "zrpc", "concurrency": 64, "method": "Chat/SendMessage",
             "rooms": 64}
     cases = []
@@ -348,6 +349,11 @@ def s_durable_chat(ctx: Context) -> list[dict[str, Any]]:
         r = ctx.measure(srv, spec, "chat zrpc-broker c64", "chat-zrpc-broker-c64")
         cases.append(case("zrpc-broker", "Chat/SendMessage c64, 64 rooms", r, concurrency=64,
                           store="sqlite"))
+        # the same with an idempotency key per message: the cost of the dedupe index
+        r = ctx.measure(srv, {**spec, "keyed": True}, "chat zrpc-broker keyed c64",
+                        "chat-zrpc-broker-keyed-c64")
+        cases.append(case("zrpc-broker", "SendMessage c64, idempotency keys", r, concurrency=64,
+                          store="sqlite", keyed=True))
     with _postgres() as url, \
             ctx.procs.server("zrpc-broker", app=None, workers=2, extra=("--store", url)) as srv:
         r = ctx.measure(srv, spec, "chat zrpc-broker pg c64", "chat-zrpc-broker-pg-c64")
