@@ -739,15 +739,24 @@ async def run_idle(spec: dict[str, Any]) -> dict[str, Any]:
 
 # ======================================================================= main
 async def run_connect(spec: dict[str, Any]) -> dict[str, Any]:
-    """Connection set-up, one after another: TLS or QUIC handshake plus the HELLO exchange."""
+    """Connection set-up, one after another: TLS or QUIC handshake plus the HELLO exchange.
+
+    QUIC resumes the TLS session from the previous connection's ticket unless ``fresh``.
+    """
     address = spec["address"]
+    fresh = bool(spec.get("fresh"))
     win = Window(spec)
     lat = array("d")
     ops = 0
+    tickets: Any = None
+    if fresh and address.startswith("quic://"):
+        from zrpc.quic import CLIENT_TICKETS as tickets
 
     async def worker() -> None:
         nonlocal ops
         while not win.stopping:
+            if tickets is not None:
+                tickets.clear()
             t0 = now()
             client = await zrpc_client(address)
             if win.measuring:

@@ -368,7 +368,8 @@ QUIC_CASES: list[tuple[str, dict[str, Any]]] = [
     ("1 stream", {"kind": "stream", "streams": 1}),
     ("100 streams", {"kind": "stream", "streams": 100}),
     ("ping-pong", {"kind": "pingpong"}),
-    ("connection set-up", {"kind": "connect"}),
+    ("connection set-up", {"kind": "connect", "fresh": True}),
+    ("connection set-up, resumed", {"kind": "connect", "transports": ("quic",)}),
 ]
 
 
@@ -381,9 +382,13 @@ def s_quic(ctx: Context) -> list[dict[str, Any]]:
             raise BenchError("this zrpc version has no QUIC listener (Server.bind_quic)")
         addresses = {"tls": srv["address"], "quic": srv["quic"]}
         for label, spec in QUIC_CASES:
+            spec = dict(spec)
+            transports = spec.pop("transports", ("tls", "quic"))
             if spec.get("streams", 1) > 1 and not ctx.mode.quick:  # as in scenario 2: warm up past
                 spec = {**spec, "warmup": max(ctx.mode.warmup, 4.0)}   # the start of 100 streams
             for transport, address in addresses.items():
+                if transport not in transports:
+                    continue
                 slug = label.replace(" ", "-")
                 r = ctx.measure({**srv, "address": address}, {**spec, "target": "zrpc"},
                                 f"quic-scenario {transport} {label}", f"quic-{transport}-{slug}")

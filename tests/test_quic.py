@@ -596,3 +596,63 @@ async def still_serving_echo(port: int) -> None:
         assert reply["key"] == "z"
     finally:
         await client.close()
+
+
+def test_a_second_connection_resumes_the_tls_session() -> None:
+    async def main() -> None:
+        from zrpc.quic import CLIENT_TICKETS
+
+        CLIENT_TICKETS.clear()
+        async with quic_server() as (_, port):
+            resumed = []
+            for _ in range(3):
+                client = zrpc.Client()
+                await client.connect(f"quic://127.0.0.1:{port}", zrpc.TlsConfig.development())
+                try:
+                    assert await client.unary("Echo/Say", {"n": 1}, timeout=10) == {"n": 1}
+                    assert client._transport is not None
+                    resumed.append(client._transport.get_extra_info("session_resumed"))
+                finally:
+                    await client.close()
+            assert resumed == [False, True, True]
+    uvloop.run(main())
+
+
+def test_0rtt_data_is_held_until_the_handshake_completes_then_served() -> None:
+    """A resumed raw client sends HELLO and a call as 0-RTT: the server holds them (a replay of
+    them could not complete the handshake) and serves them once the handshake completes."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with quic_server() as (server, port):
+            tickets: list[Any] = []
+            cfg = QuicConfiguration(is_client=True, alpn_protocols=[ALPN_PROTOCOL], server_name="localhost")
+            cfg.load_verify_locations(cafile=zrpc.TlsConfig.development().ca_file)
+            first = QuicConnection(configuration=cfg, session_ticket_handler=tickets.append)
+            t1, p1 = await loop.create_datagram_endpoint(lambda: RawQuic(first), local_addr=("127.0.0.1", 0))
+            p1.connect(("127.0.0.1", port))
+            await asyncio.wait_for(p1.handshake, 10)
+            p1.send(0, frame(F.HELLO, 0, HELLO))
+            await until(lambda: bool(tickets), what="a session ticket")
+            p1.close()
+            t1.close()
+
+            cfg2 = QuicConfiguration(is_client=True, alpn_protocols=[ALPN_PROTOCOL], server_name="localhost")
+            cfg2.load_verify_locations(cafile=zrpc.TlsConfig.development().ca_file)
+            cfg2.session_ticket = tickets[-1]
+            second = QuicConnection(configuration=cfg2)
+            t2, p2 = await loop.create_datagram_endpoint(lambda: RawQuic(second), local_addr=("127.0.0.1", 0))
+            try:
+                p2.connect(("127.0.0.1", port))
+                p2.send(0, frame(F.HELLO, 0, HELLO))  # before the handshake: 0-RTT
+                p2.send(4, frame(F.OPEN, 1, ["Echo/Say", None, {}])
+                        + frame(F.MESSAGE, 1, raw=msgpack.packb({"early": 1}), flags=2))
+                await until(lambda: 4 in p2.fins, what="the early call to be answered")
+                assert second.tls.early_data_accepted and second.tls.session_resumed
+                kinds = [(f[0], msgpack.unpackb(f[3])) for f in p2.frames(4)]
+                assert kinds[0] == (F.MESSAGE, {"early": 1}) and kinds[1][0] == F.STATUS
+                held = [p for p in server._quic[0].connections if p._early_bytes > 0]
+                assert held, "the server did not see the data as 0-RTT"
+            finally:
+                p2.close()
+                t2.close()
+    uvloop.run(main())

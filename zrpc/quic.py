@@ -19,6 +19,7 @@ control stream), ``max_idle_timeout`` = :data:`QUIC_IDLE_TIMEOUT_S`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import socket
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from aioquic.asyncio.server import QuicServer
 from aioquic.quic import events as qe
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from aioquic.tls import SessionTicket
 
 from zrpc.protocol.connection import Settings
 from zrpc.protocol.frames import CONTROL_FRAME_LIMIT
@@ -38,9 +40,11 @@ from zrpc.status import ProtocolError, RpcError, Status
 from zrpc.tls import ALPN_PROTOCOL, TlsConfig
 
 __all__ = [
+    "CLIENT_TICKETS",
     "QUIC_IDLE_TIMEOUT_S",
     "QuicListener",
     "QuicPipe",
+    "TicketStore",
     "client_configuration",
     "connect_quic",
     "serve_quic",
@@ -50,6 +54,10 @@ __all__ = [
 log = logging.getLogger("zrpc.quic")
 #: QUIC's max_idle_timeout on both ends; zrpc's keepalive and idle_timeout_ms act well within it.
 QUIC_IDLE_TIMEOUT_S = 900.0
+#: Bytes a client may send before its handshake completes (0-RTT), held until it does.
+_MAX_EARLY_BYTES = 64 * 1024
+#: Session tickets the server keeps for resumption (each used once), and the client's cache.
+_MAX_TICKETS = 10_000
 #: How long a closing QUIC connection may take before its UDP socket (client) is closed anyway.
 _CLOSE_LINGER_S = 2.0
 AppFactory = Callable[[], asyncio.Protocol]
@@ -126,6 +134,8 @@ class QuicPipe:
             return self._proto.peer_address()
         if name == "transport":
             return "quic"
+        if name == "session_resumed":
+            return self._proto.session_resumed
         return default
 
 
@@ -144,6 +154,10 @@ class _ZrpcQuicProtocol(QuicConnectionProtocol):
         self._on_end = on_end
         self._ended = False
         self.handshake_done: asyncio.Future[None] = self._loop.create_future()
+        self.session_resumed = False
+        # server: stream data before the handshake completes (0-RTT) waits here (None: complete)
+        self._early: list[tuple[int, bytes, bool]] | None = None if self.is_client else []
+        self._early_bytes = 0
         self._handshake_timer: asyncio.TimerHandle | None = None
         if not self.is_client:
             # aioquic's limit is a fixed 128; zrpc's max_concurrent_streams plus the control stream
@@ -193,10 +207,13 @@ class _ZrpcQuicProtocol(QuicConnectionProtocol):
             if event.alpn_protocol != ALPN_PROTOCOL:
                 self._violation(ProtocolError(f"the peer does not speak {ALPN_PROTOCOL}", Status.UNAVAILABLE))
                 return
+            self.session_resumed = event.session_resumed
             if self.is_client:
                 self._start()
-            if self.is_client and not self.handshake_done.done():
-                self.handshake_done.set_result(None)
+                if not self.handshake_done.done():
+                    self.handshake_done.set_result(None)
+            else:
+                self._handshake_complete()
         elif isinstance(event, qe.ConnectionTerminated):
             if self.is_client and not self.handshake_done.done():
                 self.handshake_done.set_exception(
@@ -205,6 +222,17 @@ class _ZrpcQuicProtocol(QuicConnectionProtocol):
             self._end(ConnectionError(reason) if event.error_code else None)
 
     def _data(self, quic_id: int, data: bytes, end: bool) -> None:
+        early = self._early
+        if early is not None:
+            # 0-RTT data (a resumed client may send it before the handshake completes): held,
+            # unprocessed, until the handshake completes, so a replay of it does nothing
+            self._early_bytes += len(data)
+            if self._early_bytes > _MAX_EARLY_BYTES:
+                self._violation(ProtocolError(f"more than {_MAX_EARLY_BYTES} bytes before the handshake "
+                                              "completed", Status.RESOURCE_EXHAUSTED))
+                return
+            early.append((quic_id, data, end))
+            return
         if self.app is None and not self.is_client:
             if quic_id != CONTROL_STREAM:
                 self._violation(ProtocolError("a stream before the HELLO on the control stream", Status.INTERNAL))
@@ -216,6 +244,13 @@ class _ZrpcQuicProtocol(QuicConnectionProtocol):
             self._violation(exc)
             return
         self._deliver(frames)
+
+    def _handshake_complete(self) -> None:
+        early, self._early = self._early, None
+        for quic_id, data, end in early or ():
+            if self.pipe.is_closing():
+                return
+            self._data(quic_id, data, end)
 
     def _deliver(self, frames: bytes) -> None:
         app = self.app
@@ -260,6 +295,38 @@ class _ZrpcQuicProtocol(QuicConnectionProtocol):
             self._on_end(self)
         if self.is_client and self._transport is not None:
             self._transport.close()
+
+
+class TicketStore:
+    """Session tickets for resumption, each usable once (bounded; the oldest are forgotten).
+
+    The server's store maps the tickets it issued to their secrets; the client's
+    (:data:`CLIENT_TICKETS`) keeps the last ticket per server.
+    """
+
+    def __init__(self, capacity: int = _MAX_TICKETS) -> None:
+        self.capacity = capacity
+        self._tickets: collections.OrderedDict[bytes, SessionTicket] = collections.OrderedDict()
+
+    def add(self, key: bytes, ticket: SessionTicket) -> None:
+        self._tickets[key] = ticket
+        self._tickets.move_to_end(key)
+        while len(self._tickets) > self.capacity:
+            self._tickets.popitem(last=False)
+
+    def pop(self, key: bytes) -> SessionTicket | None:
+        return self._tickets.pop(key, None)
+
+    def clear(self) -> None:
+        self._tickets.clear()
+
+    def __len__(self) -> int:
+        return len(self._tickets)
+
+
+#: The client's session tickets, one per (server name, host, port): a later connection to the
+#: same server resumes (abbreviated TLS handshake, no certificate exchange). Process-wide.
+CLIENT_TICKETS = TicketStore(1000)
 
 
 class QuicListener:
@@ -314,8 +381,11 @@ async def serve_quic(host: str, port: int, tls: TlsConfig, settings: Settings, a
             listener.connections.add(proto)
         return proto
 
+    tickets = TicketStore()
     transport, server = await loop.create_datagram_endpoint(
-        lambda: QuicServer(configuration=configuration, create_protocol=create_protocol),
+        lambda: QuicServer(configuration=configuration, create_protocol=create_protocol,
+                           session_ticket_fetcher=tickets.pop,
+                           session_ticket_handler=lambda t: tickets.add(t.ticket, t)),
         local_addr=(host, port))
     holder.append(QuicListener(server, transport))
     return holder[0]
@@ -331,7 +401,10 @@ async def connect_quic(host: str, port: int, tls: TlsConfig, settings: Settings,
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     family, _, _, _, addr = infos[0]
     configuration = client_configuration(tls, host, settings)
-    quic = QuicConnection(configuration=configuration)
+    key = f"{configuration.server_name}|{host}|{port}".encode()
+    configuration.session_ticket = CLIENT_TICKETS.pop(key)
+    quic = QuicConnection(configuration=configuration,
+                          session_ticket_handler=lambda t: CLIENT_TICKETS.add(key, t))
     transport, proto = await loop.create_datagram_endpoint(
         lambda: _ZrpcQuicProtocol(quic, app_factory=app_factory, settings=settings),
         local_addr=("::" if family == socket.AF_INET6 else "0.0.0.0", 0), family=family)
