@@ -33,8 +33,9 @@ from broker.web import WebServer
 from cluster import wire
 from cluster.config import DEFAULT_APP, WorkerConfig, mismatch
 from cluster.curve import ClusterKeys, CurveGuard, check_endpoint, is_tcp
+from cluster.link import BrokerEnd
 from cluster.sharding import shard_for
-from cluster.zmqio import SocketReader
+from cluster.zmqlink import ZmqBrokerEnd
 from zrpc.address import AddressError, parse_listen_address
 from zrpc.config import ServerConfig
 from zrpc.dispatch import Authenticator
@@ -115,7 +116,7 @@ class Broker:
     """The front process (see module docstring)."""
 
     def __init__(self, config: BrokerConfig | None = None, *,
-                 authenticator: Authenticator | None = None) -> None:
+                 authenticator: Authenticator | None = None, link: BrokerEnd | None = None) -> None:
         self.config = config or BrokerConfig()
         self.server_config = self.config.server
         self.shards = self.config.shard_count
@@ -139,8 +140,10 @@ class Broker:
         self.fatal: str | None = None           # why the broker cannot go on (a worker cannot start)
         self.failed = asyncio.Event()           # set with ``fatal``: the owner shuts the broker down
         self._cids = itertools.count(1)
-        self._bus_connected: set[str] = set()
+        self.link: BrokerEnd | None = link    # the workers' link (ZeroMQ unless given)
+        self.zctx: zmq.Context[Any] | None = None
         self.curve: CurveGuard | None = None  # CurveZMQ on tcp:// links (--cluster-keys)
+        self._malformed = 0                    # worker messages dropped as malformed
         self._tasks: list[asyncio.Task[None]] = []
         self._server: asyncio.AbstractServer | None = None
         self._stopped = asyncio.Event()
@@ -189,27 +192,17 @@ class Broker:
             runtime = self._own_runtime = make_runtime_dir()
         Path(runtime).mkdir(parents=True, exist_ok=True)
         self.runtime_dir = runtime
-        self.zctx = zmq.Context()
-        self.router: zmq.Socket[Any] = self.zctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.router.setsockopt(zmq.SNDHWM, 0)
-        self.router.setsockopt(zmq.RCVHWM, 0)
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.router_endpoint = cfg.router or f"ipc://{runtime}/broker.ipc"
-        if cfg.cluster_keys:
-            with _startup_step("--cluster-keys", cfg.cluster_keys):
-                self.curve = CurveGuard(self.zctx, ClusterKeys.load(cfg.cluster_keys, "broker"))
+        if self.link is None:
+            self.zctx = zmq.Context()
+            if cfg.cluster_keys:
+                with _startup_step("--cluster-keys", cfg.cluster_keys):
+                    self.curve = CurveGuard(self.zctx, ClusterKeys.load(cfg.cluster_keys, "broker"))
+            self.link = ZmqBrokerEnd(self.zctx, cfg.router or f"ipc://{runtime}/broker.ipc", self.curve)
+        self.router_endpoint = self.link.endpoint
         with _startup_step("--router", self.router_endpoint):
             check_endpoint("--router", self.router_endpoint, self.curve is not None,
                            cfg.cluster_insecure)
-            if self.curve is not None and is_tcp(self.router_endpoint):
-                self.curve.serve(self.router)
-            self.router.bind(self.router_endpoint)
-        self.sub: zmq.Socket[Any] = self.zctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.RCVHWM, 100_000)
-        self.sub.setsockopt(zmq.LINGER, 0)
-        self._router_reader = SocketReader(self.router, self._on_worker)
-        self._sub_reader = SocketReader(self.sub, self._on_bus)
+            self.link.start(self._on_worker, self._on_event)
         self._tasks.append(loop.create_task(self._heartbeat()))
         self._tasks.append(loop.create_task(self.metrics.activity.run(
             lambda: len(self.sessions) - len(self.internal))))
@@ -272,65 +265,76 @@ class Broker:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
-    # ------------------------------------------------------------- zeromq
-    def _send(self, parts: list[bytes]) -> None:
-        try:
-            self.router.send_multipart(parts, zmq.NOBLOCK, copy=False)
-            self._to_workers()
-        except zmq.ZMQError as exc:  # EHOSTUNREACH: the worker is gone; its death is handled elsewhere
-            log.debug("send to worker failed: %s", exc)
-        self._router_reader.kick()
+    # ------------------------------------------------------------- workers
+    def _send(self, identity: bytes, frames: list[bytes]) -> None:
+        assert self.link is not None
+        self.link.send(identity, frames)
+        self._to_workers()
 
     def send_frames(self, identity: bytes, cid: bytes, data: bytes) -> None:
-        self._send([identity, wire.FRAMES, cid, data])
+        self._send(identity, [wire.FRAMES, cid, data])
 
     def disconnect_upstream(self, identity: bytes, cid: bytes) -> None:
-        self._send([identity, wire.DISCONNECT, cid])
+        self._send(identity, [wire.DISCONNECT, cid])
 
-    def _on_worker(self, msg: list[bytes]) -> None:
-        if len(msg) < 2:
-            return
-        identity, cmd = msg[0], msg[1]
+    def _on_worker(self, identity: bytes, msg: list[bytes]) -> None:
+        """One message from a worker; a malformed one is logged and dropped."""
         self._from_workers()
+        try:
+            self._dispatch(identity, msg)
+        except Exception as exc:  # a worker bug must never take the broker's loop down
+            self._malformed += 1
+            log.warning("dropped a malformed %r message from worker %s: %s: %s",
+                        msg[0][:16] if msg else b"", identity.hex(), type(exc).__name__, exc)
+
+    def _dispatch(self, identity: bytes, msg: list[bytes]) -> None:
         now = asyncio.get_running_loop().time()
+        cmd, n = msg[0], len(msg)
         if cmd == wire.READY:
             self._ready(identity, msg, now)
             return
         worker = self.registry.heard(identity, now)
         if worker is None:
-            if cmd == wire.BYE:  # a worker we never registered (or refused) leaves
-                return
-            self._send([identity, wire.REFUSED, wire.refused("unknown worker: send READY", fatal=False)])
+            if cmd != wire.BYE:  # a worker we never registered (or refused) may just leave
+                self._send(identity, [wire.REFUSED, wire.refused("unknown worker: send READY", fatal=False)])
             return
-        if cmd == wire.FRAMES and len(msg) == 4:
-            edge = self.sessions.get(msg[2])
-            if edge is not None:
-                edge.from_worker(identity, msg[3])
-            else:
-                self._send([identity, wire.DISCONNECT, msg[2]])
-        elif cmd == wire.HEARTBEAT:
-            if len(msg) > 2:
-                for topic, seq in msgpack.unpackb(msg[2]).items():
-                    self.fanout.observe(topic, seq)
-        elif cmd == wire.ATTACH and len(msg) == 4:
-            edge = self.sessions.get(msg[2])
-            if edge is not None:
-                sid, topic, after = msgpack.unpackb(msg[3])
-                edge.attach(identity, sid, topic, after)
-        elif cmd == wire.REPAIR:
-            topic, events = msgpack.unpackb(msg[2])
-            self.fanout.repair(topic, None if events is None else [(s, p) for s, p in events])
-        elif cmd == wire.CLIENT and len(msg) == 3:
-            self._internal(identity).data_received(msg[2])
-        elif cmd == wire.BYE:
-            w = self.registry.remove(identity)
-            if w is not None:
-                self._worker_dead(w, f"worker for shard {w.shard} stopped")
+        match cmd:
+            case wire.FRAMES if n == 3:
+                edge = self.sessions.get(msg[1])
+                if edge is not None:
+                    edge.from_worker(identity, msg[2])
+                else:
+                    self._send(identity, [wire.DISCONNECT, msg[1]])
+            case wire.HEARTBEAT if n <= 2:
+                tails = msgpack.unpackb(msg[1]) if n == 2 else {}
+                for topic, seq in tails.items():
+                    self.fanout.observe(str(topic), int(seq))
+            case wire.ATTACH if n == 3:
+                edge = self.sessions.get(msg[1])
+                if edge is not None:
+                    sid, topic, after = msgpack.unpackb(msg[2])
+                    edge.attach(identity, int(sid), str(topic), int(after))
+            case wire.REPAIR if n == 2:
+                topic, events = msgpack.unpackb(msg[1])
+                self.fanout.repair(str(topic), None if events is None else [(int(s), bytes(p)) for s, p in events])
+            case wire.CLIENT if n == 2:
+                self._internal(identity).data_received(msg[1])
+            case wire.GONE if n == 2:
+                edge = self.sessions.get(msg[1])
+                if edge is not None:
+                    edge.worker_lost(identity, f"worker for shard {worker.shard} dropped this "
+                                               "connection's calls; retry")
+            case wire.BYE:
+                w = self.registry.remove(identity)
+                if w is not None:
+                    self._worker_dead(w, f"worker for shard {w.shard} stopped")
+            case _:
+                raise ValueError(f"unknown command or {n} frame(s)")
 
     def _ready(self, identity: bytes, msg: list[bytes], now: float) -> None:
         cfg = self.config
         try:
-            info = msgpack.unpackb(msg[2]) if len(msg) > 2 else {}
+            info = msgpack.unpackb(msg[1]) if len(msg) > 1 else {}
             if not isinstance(info, dict) or info.get("version") != wire.CLUSTER_VERSION:
                 raise Refusal(f"unsupported cluster version {info.get('version') if isinstance(info, dict) else None!r}",
                               fatal=True)
@@ -341,30 +345,34 @@ class Broker:
                 raise Refusal(why, fatal=True)
             bus_key = self._bus_key(info)
             old = self.registry.by_identity.get(identity)
+            if old is not None and old.epoch != info.get("epoch", 0):
+                # The worker dropped this broker's sessions (it heard nothing from us for its
+                # liveness: we stalled): end the streams they served, as the worker did.
+                self._worker_dead(old, f"worker for shard {old.shard} dropped this broker's "
+                                       "sessions (it heard no heartbeat in time)", died=False)
+            self._replaced(identity, info)
             shard = info.get("shard")
             prev = self.registry.for_shard(shard) if type(shard) is int else None
             w = self.registry.register(identity, info, now)
         except (ValueError, TypeError, KeyError) as exc:
             fatal = isinstance(exc, Refusal) and exc.fatal
             log.warning("refusing worker%s: %s", " for good" if fatal else "", exc)
-            self._send([identity, wire.REFUSED, wire.refused(str(exc), fatal=fatal)])
+            self._send(identity, [wire.REFUSED, wire.refused(str(exc), fatal=fatal)])
             return
         self._ready_changed.set()
         if prev is not None and prev.identity != identity:  # it lost its shard lease
-            self._send([prev.identity, wire.REFUSED,
-                        wire.refused(f"superseded by lease token {w.lease}", fatal=False)])
+            self._send(prev.identity, [wire.REFUSED,
+                                       wire.refused(f"superseded by lease token {w.lease}", fatal=False)])
             self._worker_dead(prev, f"worker for shard {prev.shard} (pid {prev.pid}) was superseded "
                                     f"by pid {w.pid} holding lease token {w.lease}")
         if old is None:
             log.info("worker pid %d registered for shard %d/%d", w.pid, w.shard, w.shards)
             if self.supervisor is not None:
                 self.supervisor.worker_registered(w.pid)
-        if w.bus and w.bus not in self._bus_connected:
-            if bus_key is not None and self.curve is not None:
-                self.curve.client(self.sub, bus_key)
-            self.sub.connect(w.bus)
-            self._bus_connected.add(w.bus)
-        self._send([identity, wire.HEARTBEAT])
+        if w.bus:
+            assert self.link is not None
+            self.link.follow(w.bus, bus_key)
+        self._send(identity, [wire.HEARTBEAT])
 
     def _bus_key(self, info: dict[str, Any]) -> bytes | None:
         """The CurveZMQ public key of a worker's tcp:// bus (READY ``curve_key``), when the
@@ -378,35 +386,45 @@ class Broker:
                           "start the worker with --cluster-keys", fatal=True)
         return key.encode()
 
+    def _replaced(self, identity: bytes, info: dict[str, Any]) -> None:
+        """The worker process serving this shard reconnected over a fresh link (new identity):
+        the old link's sessions are gone on its side, so end their streams here too."""
+        shard = info.get("shard")
+        current = self.registry.by_shard.get(shard) if isinstance(shard, int) else None
+        if (current is not None and current.identity != identity and current.pid == info.get("pid")
+                and current.bus == info.get("bus")):
+            self.registry.remove(current.identity)
+            self._worker_dead(current, f"worker for shard {current.shard} reconnected (it heard no "
+                                       "heartbeat in time and dropped this broker's sessions)", died=False)
+
     def _internal(self, identity: bytes) -> EdgeSession:
         s = self.internal.get(identity)
         if s is None or s.closed:
             cid = self.next_cid()
-            s = EdgeSession(self, cid, lambda data: self._send([identity, wire.CLIENT, data]),
+            s = EdgeSession(self, cid, lambda data: self._send(identity, [wire.CLIENT, data]),
                             lambda: None, peer="worker", internal_worker=identity)
             self.internal[identity] = s
             self.sessions[cid] = s
         return s
 
-    def _on_bus(self, msg: list[bytes]) -> None:
-        if len(msg) != 3:
-            return
+    def _on_event(self, topic: str, seq: int, payload: bytes) -> None:
         self._bus_events()
-        self.fanout.publish(msg[0][:-1].decode("utf-8", "surrogatepass"), wire.SEQ.unpack(msg[1])[0], msg[2])
+        self.fanout.publish(topic, seq, payload)
 
     def subscribe(self, topic: str) -> None:
-        self.sub.setsockopt(zmq.SUBSCRIBE, wire.topic_frame(topic))
+        assert self.link is not None
+        self.link.subscribe(topic)
 
     def unsubscribe(self, topic: str) -> None:
-        with contextlib.suppress(zmq.ZMQError):
-            self.sub.setsockopt(zmq.UNSUBSCRIBE, wire.topic_frame(topic))
+        if self.link is not None:
+            self.link.unsubscribe(topic)
 
     def _gap(self, topic: str, after: int, upto: int | None) -> None:
         w = self.registry.for_shard(shard_for(topic, self.shards))
         if w is None:
             self.fanout.repair(topic, None)
             return
-        self._send([w.identity, wire.GAP, msgpack.packb([topic, after, upto])])
+        self._send(w.identity, [wire.GAP, msgpack.packb([topic, after, upto])])
 
     # ------------------------------------------------------------ liveness
     async def _heartbeat(self) -> None:
@@ -419,7 +437,7 @@ class Broker:
                 if self.supervisor is not None:
                     self._tasks.append(loop.create_task(self._replace_if_hung(w)))
             for identity in list(self.registry.by_identity):
-                self._send([identity, wire.HEARTBEAT])
+                self._send(identity, [wire.HEARTBEAT])
             self.trimmer.tick()
 
     async def _replace_if_hung(self, w: WorkerInfo) -> None:
@@ -444,9 +462,11 @@ class Broker:
         if w is not None:
             self._worker_dead(w, f"worker for shard {shard} exited (code {code})")
 
-    def _worker_dead(self, w: WorkerInfo, why: str) -> None:
+    def _worker_dead(self, w: WorkerInfo, why: str, *, died: bool = True) -> None:
+        """End every stream served by ``w`` with UNAVAILABLE (the clients resume)."""
         log.warning("%s; failing its streams with UNAVAILABLE", why)
-        self.metrics.worker_deaths.inc()
+        if died:
+            self.metrics.worker_deaths.inc()
         for s in list(self.sessions.values()):
             # the call may have completed before the worker died: "maybe done" (docs/chat.md)
             s.worker_lost(w.identity, why + "; the call may have completed: retry it only if "
@@ -495,13 +515,12 @@ class Broker:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._router_reader.close()
-        self._sub_reader.close()
-        self.router.close(0)
-        self.sub.close(0)
+        if self.link is not None:
+            self.link.close()
         if self.curve is not None:
             self.curve.close()
-        self.zctx.term()
+        if self.zctx is not None:
+            self.zctx.term()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)

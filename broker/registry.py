@@ -43,6 +43,7 @@ class WorkerInfo:
     expiry: float
     methods: list[dict[str, Any]] = field(default_factory=list)
     lease: int | None = None
+    epoch: int = 0                  # the worker's session epoch for this broker (READY)
 
 
 class WorkerRegistry:
@@ -82,7 +83,7 @@ class WorkerRegistry:
         methods = info.get("methods") or []
         w = WorkerInfo(identity, shard, shards, int(info.get("pid") or 0),
                        dict(info.get("settings") or {}), info.get("bus"), now + self.ttl, methods,
-                       lease)
+                       lease, int(info.get("epoch") or 0))
         self.by_identity[identity] = w
         self.by_shard[shard] = w
         for m in methods:

@@ -11,6 +11,8 @@ worker -> broker (the ROUTER prepends the worker's identity)
   A      cid  [msgpack]        attach: [stream id, topic, after_seq]
   R      [msgpack]             repair answer: [topic, [[seq, payload], ...] | None]
   C      frames                zrpc frames of the worker's own client connection to the broker
+  GONE   cid                   frames arrived for a connection whose session this worker no longer
+                               has (it dropped it): fail that connection's calls, open it afresh
   BYE                          clean exit
 
 broker -> worker
@@ -40,6 +42,7 @@ __all__ = [
     "DISCONNECT",
     "FRAMES",
     "GAP",
+    "GONE",
     "HEARTBEAT",
     "READY",
     "REFUSED",
@@ -62,6 +65,7 @@ BYE: Final = b"BYE"
 DISCONNECT: Final = b"X"
 GAP: Final = b"G"
 REFUSED: Final = b"NO"
+GONE: Final = b"GONE"
 SEQ: Final = struct.Struct("!Q")
 
 

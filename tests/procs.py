@@ -39,6 +39,26 @@ def wait_for(predicate: Any, timeout: float = 20.0, interval: float = 0.02, what
         time.sleep(interval)
 
 
+async def eventually(predicate: Any, timeout: float = 10.0, what: str = "",
+                     interval: float = 0.005) -> Any:
+    """The async :func:`wait_for`: poll ``predicate`` (sync, or returning an awaitable) until it
+    gives a truthy value, which is returned; fail after ``timeout`` seconds."""
+    import asyncio
+    import inspect
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        await asyncio.sleep(interval)
+
+
 def env_for(home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["ZRPC_HOME"] = str(home)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import os
 import pathlib
@@ -21,7 +22,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
@@ -32,6 +33,7 @@ from conftest import make_echo_service
 import zrpc
 from cli.client_cmd import EXIT_CODES, TimeParam, main
 from cli.output import from_json, jsonable
+from procs import eventually as poll_until
 from workers.chat.service import ChatConfig, ChatService
 from zrpc import Status
 from zrpc.chat import ChatResponse, Message, ResponseType, SubscribeRequest
@@ -50,24 +52,8 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
     return uvloop.run(coro)
 
 
-async def eventually(predicate: Callable[[], Any], timeout: float = T, what: str = "") -> Any:
-    """Poll ``predicate`` (sync) until it is truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        await asyncio.sleep(0.01)
-    return value
-
-
-async def eventually_async(predicate: Callable[[], Awaitable[Any]], timeout: float = T,
-                           what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := await predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        await asyncio.sleep(0.01)
-    return value
+#: Poll a condition (sync or async) with this file's timeout.
+eventually = eventually_async = functools.partial(poll_until, timeout=T, interval=0.01)
 
 
 def extra_services() -> list[zrpc.Service]:

@@ -20,6 +20,7 @@ import uvloop
 
 import zrpc
 import zrpc.session as zsession
+from procs import eventually
 from zrpc import Status
 from zrpc.codec import encode
 from zrpc.testing import connect_in_memory
@@ -54,16 +55,6 @@ class Blob:
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
     return uvloop.run(coro)
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    """Poll ``predicate`` until it holds; fail after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        await asyncio.sleep(0.005)
 
 
 class Probe:

@@ -11,6 +11,7 @@ import pytest
 import uvloop
 
 import zrpc
+from procs import eventually
 from zrpc import Status
 from zrpc.dispatch import Dispatcher
 from zrpc.testing import MockServer, connect_in_memory
@@ -20,15 +21,6 @@ from zrpc.testing import MockServer, connect_in_memory
 class Msg:
     text: str
     n: int = 0
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        await asyncio.sleep(0.005)
 
 
 # ------------------------------------------------------------ connect_in_memory

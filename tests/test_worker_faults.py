@@ -4,8 +4,11 @@ that must agree, misconfigurations that cannot heal, hung workers, stalled broke
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,17 @@ import pytest
 
 import zrpc
 from cluster.config import WorkerConfig
-from procs import BIN, BrokerProc, children, connect, env_for, start_broker, start_worker, wait_for
+from procs import (
+    BIN,
+    BrokerProc,
+    children,
+    connect,
+    env_for,
+    eventually,
+    start_broker,
+    start_worker,
+    wait_for,
+)
 from zrpc.status import Status
 
 pytestmark = pytest.mark.multiprocess
@@ -168,3 +181,132 @@ def test_stale_runtime_dirs_of_dead_brokers_are_removed(tmp_path: Path) -> None:
         if second is not None:
             second.stop()
         first.stop()
+
+
+# ------------------------------------------------------------ stalls and hangs (11.4, 11.5)
+
+
+def _chat_types() -> Any:
+    from zrpc import chat
+    return chat
+
+
+def test_stalled_broker_and_its_workers_agree(tmp_path: Path) -> None:
+    """SIGSTOP the broker past the workers' liveness: the workers drop its sessions, and the
+    broker ends the streams those sessions served with UNAVAILABLE; the same connections then
+    work again, and presence is right once the clients resume."""
+    chat = _chat_types()
+    broker = start_broker(tmp_path, "--workers", "1", app=None).wait_ready()
+    room = "stall"
+
+    async def main() -> None:
+        ann = await connect(broker, tmp_path)
+        bob = await connect(broker, tmp_path)
+        try:
+            subs = {}
+            for name, c in (("ann", ann), ("bob", bob)):
+                subs[name] = await c.server_stream("Chat/SubscribeToRoom",
+                                                   chat.SubscribeRequest(room=room, user=name),
+                                                   chat.ChatResponse)
+            async def list_users(c: zrpc.Client) -> list[str]:
+                r = await c.unary("Chat/ListUsers", chat.ListUsersRequest(room=room), chat.ListUsersResponse)
+                return sorted(u.name for u in r.users)
+
+            async def both_present() -> bool:
+                return await list_users(ann) == ["ann", "bob"]
+
+            await eventually(both_present, 10, "both users present")
+
+            broker.signal(signal.SIGSTOP)
+            try:
+                await asyncio.sleep(5)  # the stall itself (liveness is 3 x 200 ms)
+            finally:
+                broker.signal(signal.SIGCONT)
+
+            async def ends(s: Any) -> zrpc.RpcError:
+                try:
+                    async for _ in s:
+                        pass
+                except zrpc.RpcError as exc:
+                    return exc
+                raise AssertionError("stream ended without an error")
+
+            errors = await asyncio.wait_for(asyncio.gather(*(ends(s) for s in subs.values())), 15)
+            assert [e.status for e in errors] == [Status.UNAVAILABLE, Status.UNAVAILABLE], errors
+
+            # The older connections carry new calls (no "OPEN frame before HELLO"), and nobody
+            # is reported present whose stream has ended.
+            assert await asyncio.wait_for(list_users(bob), 10) == []
+            for name, c in (("ann", ann), ("bob", bob)):  # the clients resume
+                subs[name] = await c.server_stream("Chat/SubscribeToRoom",
+                                                   chat.SubscribeRequest(room=room, user=name),
+                                                   chat.ChatResponse)
+            await eventually(both_present, 10, "both users present again")
+            sent = await ann.unary("Chat/SendMessage", chat.Message(user="ann", content="back", room=room),
+                                   chat.ChatResponse)
+            assert sent.type is chat.ResponseType.ack
+
+            async def next_message(s: Any) -> str:
+                async for ev in s:
+                    if ev.type is chat.ResponseType.message and ev.message is not None:
+                        return str(ev.message.content)
+                raise AssertionError("stream ended")
+
+            assert await asyncio.wait_for(next_message(subs["bob"]), 10) == "back"
+        finally:
+            await ann.close()
+            await bob.close()
+
+    try:
+        run(main())
+        out = broker.output()
+        assert "OPEN frame before HELLO" not in out
+        assert "dropped this broker's sessions" in out or "reconnected" in out or \
+            "stopped answering heartbeats" in out
+        no_traceback(out)
+    finally:
+        broker.stop()
+
+
+@pytest.mark.timeout(90)
+def test_hung_worker_is_killed_and_replaced(tmp_path: Path) -> None:
+    broker = start_broker(tmp_path, "--workers", "2").wait_ready()
+    try:
+        old = sorted(children(broker.pid))
+        assert len(old) == 2
+        victim = old[0]
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            # declared dead after 3 x 200 ms, killed after the 5 s grace, restarted after 0.1 s
+            wait_for(lambda: not Path(f"/proc/{victim}").exists()
+                     or Path(f"/proc/{victim}/stat").read_text().split()[2] == "Z", 20,
+                     what="the hung worker to be killed")
+            killed_after = time.monotonic() - t0
+            new = wait_for(lambda: (lambda k: k if len(k) == 2 and victim not in k else None)(
+                sorted(children(broker.pid))), 20, what="a replacement worker")
+            assert old[1] in new
+            assert 5.0 <= killed_after <= 15.0, killed_after
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGCONT)
+
+        async def main() -> None:
+            c = await connect(broker, tmp_path)
+            try:
+                seen = set()
+                for i in range(40):
+                    r = await asyncio.wait_for(c.unary("Echo/Say", {"key": f"k{i}"}, dict), 10)
+                    seen.add(r["pid"])
+                assert seen == set(new)  # both shards served, one by the replacement
+            finally:
+                await c.close()
+
+        wait_for(lambda: "registered for shard" in broker.output().split(f"pid {victim} stopped")[-1]
+                 if f"pid {victim} stopped" in broker.output() else False, 20, what="replacement registered")
+        run(main())
+        out = broker.output()
+        assert f"worker pid {victim} stopped answering; terminating it" in out
+        no_traceback(out)
+    finally:
+        broker.stop()

@@ -1,15 +1,25 @@
-"""The shard worker runtime: ZeroMQ links to brokers, virtual sessions, bus.
+"""The shard worker runtime: links to brokers, virtual sessions, the event bus.
 
-A worker serves shard k of N. For each broker it connects a DEALER, sends
-READY (shard, methods, settings, bus endpoint) and then heartbeats; frames
-tagged with a connection id are fed to one :class:`~zrpc.dispatch.ServerSession`
-per client connection, so handlers run exactly as in the in-process server.
-Room events are published once on a PUB socket (the fan-out bus); handlers'
+A worker serves shard k of N. For each broker it opens a link
+(:class:`cluster.link.WorkerEnd`; ZeroMQ DEALER by default), sends READY
+(shard, methods, settings, bus endpoint, session epoch) and then
+heartbeats; frames tagged with a connection id are fed to one
+:class:`~zrpc.dispatch.ServerSession` per client connection, so handlers run
+exactly as in the in-process server. Room events are published once on the
+worker's bus (:class:`cluster.link.EventPublisher`); handlers'
 ``call.attach(topic, seq)`` tells the broker to deliver them to the stream.
-A broker that stops answering heartbeats is declared dead: its sessions are
-cancelled (handlers clean up, presence is updated) and the link reconnects
-with backoff. The worker can also call methods through the broker
-(:meth:`Worker.client`), which the chat batch uses for other shards' rooms.
+
+A broker silent for ``liveness`` heartbeats is declared dead: its sessions
+are cancelled (handlers clean up, presence is updated), the session epoch
+goes up, and the link is closed and opened afresh (Paranoid Pirate) before
+READY is sent again, every heartbeat until the broker answers. The broker
+sees the new epoch in READY and ends the client streams that were served by
+the dropped sessions with UNAVAILABLE, so both sides agree; frames for a
+connection this worker no longer knows, not starting with HELLO, are
+answered with GONE instead of opening a session. Malformed messages from a
+broker are logged and dropped. The worker can also call methods through
+the broker (:meth:`Worker.client`), which the chat batch uses for other
+shards' rooms.
 
 With a shared store (PostgreSQL) :func:`serve` first waits as a standby until
 this process holds the shard's lease (:mod:`workers.lease`); only then does it
@@ -31,17 +41,19 @@ import zmq
 
 from cluster import wire
 from cluster.config import WorkerConfig
-from cluster.curve import ClusterKeys, CurveGuard, is_tcp
+from cluster.curve import ClusterKeys, CurveGuard
+from cluster.link import EventPublisher, WorkerEnd
 from cluster.sharding import shard_for
 from cluster.wire import trust_principal
-from cluster.zmqio import SocketReader
+from cluster.zmqlink import ZmqPublisher, ZmqWorkerEnd
 from zrpc.client import Client, ClientSession
 from zrpc.config import ClientConfig
 from zrpc.dispatch import Dispatcher, ServerCall, ServerSession
+from zrpc.protocol.frames import HEADER_SIZE, FrameType
 from zrpc.service import Service
 from zrpc.status import RpcError, Status
 
-__all__ = ["App", "LeaseLost", "Worker", "WorkerConfig", "ZmqBus", "serve"]
+__all__ = ["App", "BrokerLink", "LeaseLost", "Worker", "WorkerConfig", "serve"]
 
 log = logging.getLogger("zrpc.worker")
 
@@ -58,72 +70,48 @@ class App(Protocol):
     async def close(self) -> None: ...
 
 
-class ZmqBus:
-    """Publishes room events once on the worker's PUB socket."""
-
-    def __init__(self, sock: zmq.Socket[Any]) -> None:
-        self._send = sock.send_multipart
-        self.dropped = 0
-
-    def publish(self, topic: str, seq: int, payload: bytes) -> None:
-        try:
-            self._send([wire.topic_frame(topic), wire.SEQ.pack(seq), payload], zmq.NOBLOCK)
-        except zmq.Again:  # a subscriber's queue is full: the broker repairs the gap from us
-            self.dropped += 1
-
-
 class BrokerLink:
     """One broker, seen from the worker."""
 
-    def __init__(self, worker: Worker, endpoint: str) -> None:
+    def __init__(self, worker: Worker, endpoint: str, end: WorkerEnd) -> None:
         self.worker = worker
         self.endpoint = endpoint
+        self.end = end
         self.sessions: dict[bytes, ServerSession] = {}
         self.client_session: ClientSession | None = None
-        self._sync: zmq.Socket[Any] | None = None
-        self.reader: SocketReader
         self.last_heard = 0.0
+        self.epoch = 0                # goes up whenever this broker's sessions are dropped
         self.registered = asyncio.Event()
+        self.malformed = 0            # messages from the broker dropped as malformed
 
     def send(self, parts: list[bytes]) -> None:
-        if self._sync is None:
-            return
-        try:
-            self._sync.send_multipart(parts, zmq.NOBLOCK, copy=False)
-        except zmq.ZMQError as exc:
-            log.debug("send to broker %s failed: %s", self.endpoint, exc)
-        self.reader.kick()
-
-    def _connect(self) -> None:
-        w = self.worker
-        sock: zmq.Socket[Any] = w.zctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        if w.curve is not None and is_tcp(self.endpoint):
-            w.curve.client(sock, w.curve.keys.broker_public)
-        sock.connect(self.endpoint)
-        self._sync = sock
-        self.reader = SocketReader(sock, self._handle)
+        self.end.send(parts)
 
     def _ready(self) -> None:
-        self.send([wire.READY, msgpack.packb(self.worker.ready_info())])
+        self.send([wire.READY, msgpack.packb(self.worker.ready_info(self.epoch))])
 
     def drop_all(self) -> None:
-        for s in list(self.sessions.values()):
+        """Cancel every session of this broker (handlers clean up); a new epoch starts."""
+        self.epoch += 1
+        for cid, s in list(self.sessions.items()):
+            self._forget(cid)
             s.connection_lost(None)
         self.sessions.clear()
         if self.client_session is not None:
             self.client_session.connection_lost(None)
             self.client_session = None
 
+    def reconnect(self) -> None:
+        """A fresh link (nothing queued for the old one is delivered), then READY."""
+        self.end.open(self.handle)
+        self._ready()
+
     async def run(self) -> None:
         """READY, then heartbeat; a silent broker loses its sessions and we register again."""
         loop = asyncio.get_running_loop()
         cfg = self.worker.config
         interval = cfg.heartbeat_ms / 1000
-        self._connect()
-        self._ready()
+        self.reconnect()
         self.last_heard = loop.time()
         while True:
             await asyncio.sleep(interval)  # the heartbeat period itself
@@ -135,42 +123,58 @@ class BrokerLink:
                                 self.endpoint, cfg.liveness, len(self.sessions))
                     self.registered.clear()
                     self.drop_all()
-                    self._ready()
+                    self.reconnect()
             else:
                 self._ready()  # until the broker answers (it may be starting or restarting)
 
-    def _handle(self, msg: list[bytes]) -> bool:
-        self.last_heard = self.reader.loop.time()
-        cmd = msg[0]
-        if cmd == wire.FRAMES:
-            cid = msg[1]
-            s = self.sessions.get(cid)
-            if s is None:
-                s = self._session(cid)
-            s.data_received(msg[2])
-        elif cmd == wire.HEARTBEAT:
-            self.registered.set()
-        elif cmd == wire.DISCONNECT:
-            s = self.sessions.pop(msg[1], None)
-            if s is not None:
-                s.connection_lost(None)
-        elif cmd == wire.GAP:
-            topic, after, upto = msgpack.unpackb(msg[1])
-            events = self.worker.app.replay(topic, after, upto)
-            self.send([wire.REPAIR, msgpack.packb([topic, events])])
-        elif cmd == wire.CLIENT:
-            if self.client_session is not None:
-                self.client_session.data_received(msg[1])
-        elif cmd == wire.REFUSED:
-            reason, fatal = wire.refusal(msg[1] if len(msg) > 1 else None)
-            if fatal:
-                self.worker.refused_for_good(reason)
-                return True
-            log.warning("broker %s refused us: %s; registering again", self.endpoint, reason)
-            if self.registered.is_set():
-                self.registered.clear()
-                self.drop_all()
-        return True
+    def handle(self, msg: list[bytes]) -> None:
+        """One message from the broker; a malformed one is logged and dropped."""
+        self.last_heard = asyncio.get_running_loop().time()
+        try:
+            self._dispatch(msg)
+        except Exception as exc:  # never let one bad message take the worker's loop down
+            self.malformed += 1
+            log.warning("dropped a malformed %r message from broker %s: %s: %s",
+                        msg[0][:16] if msg else b"", self.endpoint, type(exc).__name__, exc)
+
+    def _dispatch(self, msg: list[bytes]) -> None:
+        cmd, n = msg[0], len(msg)
+        match cmd:
+            case wire.FRAMES if n == 3:
+                cid, data = msg[1], msg[2]
+                s = self.sessions.get(cid)
+                if s is None:
+                    if data[4:5] != bytes([FrameType.HELLO]) or len(data) < HEADER_SIZE:
+                        # a connection whose session we dropped (the broker has not noticed yet)
+                        self.send([wire.GONE, cid])
+                        return
+                    s = self._session(cid)
+                s.data_received(data)
+            case wire.HEARTBEAT:
+                self.registered.set()
+            case wire.DISCONNECT if n == 2:
+                s = self.sessions.pop(msg[1], None)
+                self._forget(msg[1])
+                if s is not None:
+                    s.connection_lost(None)
+            case wire.GAP if n == 2:
+                topic, after, upto = msgpack.unpackb(msg[1])
+                events = self.worker.app.replay(str(topic), int(after), None if upto is None else int(upto))
+                self.send([wire.REPAIR, msgpack.packb([topic, events])])
+            case wire.CLIENT if n == 2:
+                if self.client_session is not None:
+                    self.client_session.data_received(msg[1])
+            case wire.REFUSED:
+                reason, fatal = wire.refusal(msg[1] if n > 1 else None)
+                if fatal:
+                    self.worker.refused_for_good(reason)
+                    return
+                log.warning("broker %s refused us: %s; registering again", self.endpoint, reason)
+                if self.registered.is_set():
+                    self.registered.clear()
+                    self.drop_all()
+            case _:
+                raise ValueError(f"unknown command or {n} frame(s)")
 
     def _session(self, cid: bytes) -> ServerSession:
         w = self.worker
@@ -179,13 +183,20 @@ class BrokerLink:
             self.send([wire.FRAMES, cid, data])
 
         def close() -> None:
-            self.sessions.pop(cid, None)
+            if self.sessions.get(cid) is s:
+                del self.sessions[cid]
+                self._forget(cid)
 
         s = ServerSession(w.dispatcher, write, close, peer="broker", authenticator=trust_principal,
                           relayed_peer=True)
         self.sessions[cid] = s
         w.routes[s] = (self, cid)
         return s
+
+    def _forget(self, cid: bytes) -> None:
+        s = self.sessions.get(cid)
+        if s is not None:
+            self.worker.routes.pop(s, None)
 
     async def client(self) -> Client:
         """A client whose calls go through this broker."""
@@ -202,36 +213,48 @@ class BrokerLink:
 
 
 class Worker:
-    """One shard worker process (see module docstring)."""
+    """One shard worker process (see module docstring).
+
+    ``links(endpoint)`` and ``bus`` replace the ZeroMQ link ends (tests use
+    in-memory ones); by default each broker gets a :class:`ZmqWorkerEnd` and the
+    bus is a :class:`ZmqPublisher` bound at ``config.bus``.
+    """
 
     def __init__(self, config: WorkerConfig, app_factory: Callable[[Worker], App], *,
-                 fence: tuple[int, int] | None = None) -> None:
+                 links: Callable[[str], WorkerEnd] | None = None,
+                 bus: EventPublisher | None = None, fence: tuple[int, int] | None = None) -> None:
         self.config = config
         self.fence = fence  # (shard, lease token) while serving a shared store
-        self.zctx = zmq.Context()
-        self.pub: zmq.Socket[Any] = self.zctx.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.SNDHWM, 100_000)
-        self.pub.setsockopt(zmq.LINGER, 0)
-        self.bus = ZmqBus(self.pub)
-        self.curve = (CurveGuard(self.zctx, ClusterKeys.load(config.cluster_keys, "worker"))
-                      if config.cluster_keys else None)
-        if self.curve is not None and is_tcp(config.bus):
-            self.curve.serve(self.pub)
+        self.zctx: zmq.Context[Any] | None = None
+        self._publisher: ZmqPublisher | None = None
+        self.curve: CurveGuard | None = None  # CurveZMQ on tcp:// links (--cluster-keys)
+        if links is None or bus is None:
+            ctx = self.zctx = zmq.Context()
+            curve = self.curve = (CurveGuard(ctx, ClusterKeys.load(config.cluster_keys, "worker"))
+                                  if config.cluster_keys else None)
+            if bus is None:
+                bus = self._publisher = ZmqPublisher(ctx, config.bus, curve)
+            if links is None:
+                def links(endpoint: str) -> WorkerEnd:
+                    return ZmqWorkerEnd(ctx, endpoint, curve)
+        self.bus: EventPublisher = bus
+        make_end = links
         self.routes: dict[ServerSession, tuple[BrokerLink, bytes]] = {}
         self.dispatcher = Dispatcher(config.server, bus=self.bus, attach=self._attach)
         self.fatal: str | None = None  # why a broker refused us for good (the process exits)
         self._stop: asyncio.Event | None = None
-        self.links = [BrokerLink(self, ep) for ep in config.brokers]
+        self.links = [BrokerLink(self, ep, make_end(ep)) for ep in config.brokers]
         self.app = app_factory(self)
         for svc in self.app.services():
             self.dispatcher.add_service(svc)
 
-    def ready_info(self) -> dict[str, Any]:
+    def ready_info(self, epoch: int = 0) -> dict[str, Any]:
         cfg = self.config
         return {"version": wire.CLUSTER_VERSION, "shard": cfg.shard, "shards": cfg.shards,
                 "pid": os.getpid(), "methods": self.dispatcher.describe(),
                 "settings": {"version": 1, **cfg.server.settings().announce()}, "bus": cfg.bus,
-                "agree": cfg.agreement(), **({"lease": self.fence[1]} if self.fence else {}),
+                "agree": cfg.agreement(), "epoch": epoch,
+                **({"lease": self.fence[1]} if self.fence else {}),
                 **({"curve_key": self.curve.keys.public.decode()} if self.curve else {})}
 
     def activity(self) -> dict[str, int]:
@@ -265,7 +288,8 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._stop = stop
-        self.pub.bind(self.config.bus)
+        if self._publisher is not None:
+            self._publisher.bind()
         tasks = [asyncio.create_task(link.run()) for link in self.links]
         log.info("worker shard %d/%d pid %d serving; bus %s; brokers %s", self.config.shard,
                  self.config.shards, os.getpid(), self.config.bus, ", ".join(self.config.brokers))
@@ -282,15 +306,12 @@ class Worker:
             await asyncio.sleep(0)
             await self.app.close()
             for link in self.links:
-                if link._sync is not None:
-                    link.reader.close()
-                    link._sync.close(0)
-            self.pub.close(0)
+                link.end.close()
+            self.bus.close()
             if self.curve is not None:
                 self.curve.close()
-            self.zctx.term()
-
-
+            if self.zctx is not None:
+                self.zctx.term()
 
 
 class LeaseLost(Exception):
