@@ -19,7 +19,7 @@ import uvloop
 import zrpc
 from zrpc.protocol.connection import Connection, Role
 from zrpc.protocol.events import HelloReceived, MessageReceived
-from zrpc.protocol.frames import FrameDecoder, FrameType
+from zrpc.protocol.frames import FrameDecoder, FrameType, encode_frame
 from zrpc.status import Status
 
 T = 10.0
@@ -130,3 +130,28 @@ def test_compression_is_not_negotiated(tmp_path: pathlib.Path) -> None:
         finally:
             await server.shutdown(0)
     uvloop.run(main())
+
+
+def test_final_goaway_keeps_the_graceful_id_over_quic_ordering_too() -> None:
+    """Over QUIC OPENs arrive in any order: ids up to the GOAWAY's still run, above are refused,
+    and the final GOAWAY names the graceful one's id, not the highest id seen."""
+    s = Connection(Role.SERVER)
+    s.stream_ids_in_order = False
+    hello = {"version": 1, "max_message_size": 4194304, "max_concurrent_streams": 1024,
+             "initial_stream_window": 262144, "initial_connection_window": 4194304,
+             "max_metadata_size": 16384}
+    s.receive_data(encode_frame(FrameType.HELLO, 0, 0, msgpack.packb(hello)))
+    s.send_hello()
+
+    def open_(sid: int) -> bytes:
+        return encode_frame(FrameType.OPEN, 0, sid, msgpack.packb(["Svc/M", None, {}]))
+
+    s.receive_data(open_(5))
+    s.goaway()
+    s.data_to_send()
+    assert len(s.receive_data(open_(3))) == 1  # in flight on its own QUIC stream: it runs
+    s.receive_data(open_(7))  # above the GOAWAY: refused
+    s.close(Status.UNAVAILABLE, "grace period over")
+    frames = FrameDecoder(2**32 - 1).feed(s.data_to_send())
+    assert [(f[0], f[2]) for f in frames] == [(FrameType.RESET, 7), (FrameType.GOAWAY, 0)]
+    assert msgpack.unpackb(frames[-1][3])[:2] == [5, Status.UNAVAILABLE]

@@ -579,8 +579,8 @@ class Connection:
             return
         if self.is_client:
             last = 0
-        elif self.goaway_sent is not None and self.stream_ids_in_order:
-            last = self.goaway_sent  # OPENs after the graceful GOAWAY were refused: never raise it
+        elif self.goaway_sent is not None:
+            last = self.goaway_sent  # OPENs above the graceful GOAWAY's id were refused: keep it
         else:
             last = self._highest_id
         self._queue_control(_T_GOAWAY, 0, [last, int(code), message])
