@@ -329,6 +329,26 @@ def test_quic_reset_stream_cancels_the_handler() -> None:
     uvloop.run(main())
 
 
+def test_a_peer_ignoring_zrpc_credit_is_stopped_at_the_stream_window() -> None:
+    """QUIC's own credit would let it through (aioquic grows it as data arrives): zrpc's holds."""
+    async def main() -> None:
+        svc = zrpc.Service("Stall")
+
+        @svc.client_stream("Never", request=dict, response=dict)
+        async def never(call: zrpc.ServerCall) -> Any:
+            await asyncio.Event().wait()  # never reads: nothing is consumed, no credit returns
+
+        async with quic_server() as (server, port), raw_quic(port) as raw:
+            server.add_service(svc)
+            raw.send(0, frame(F.HELLO, 0, HELLO))
+            message = frame(F.MESSAGE, 1, raw=msgpack.packb({"p": "x" * 8000}))
+            raw.send(4, frame(F.OPEN, 1, ["Stall/Never", None, {}]) + message * 40)  # 320 KB > 256 KiB
+            ev = await asyncio.wait_for(raw.terminated, 10)
+            assert ev.error_code == Status.RESOURCE_EXHAUSTED and "window exceeded" in ev.reason_phrase, ev
+            await still_serving(port)
+    uvloop.run(main())
+
+
 def test_handshake_without_hello_is_closed_after_handshake_timeout() -> None:
     async def main() -> None:
         cfg = zrpc.ServerConfig(handshake_timeout_ms=300)
@@ -336,6 +356,21 @@ def test_handshake_without_hello_is_closed_after_handshake_timeout() -> None:
             ev = await asyncio.wait_for(raw.terminated, 10)
             assert ev.error_code == Status.DEADLINE_EXCEEDED
             await until(lambda: not server._quic[0].connections, what="the connection to be dropped")
+    uvloop.run(main())
+
+
+def test_idle_connection_is_closed_with_the_goaway_reason() -> None:
+    async def main() -> None:
+        async with quic_server(zrpc.ServerConfig(idle_timeout_ms=400)) as (server, port), raw_quic(port) as raw:
+            raw.send(0, frame(F.HELLO, 0, HELLO))
+            raw.send(4, frame(F.OPEN, 1, ["Echo/Say", None, {}])
+                     + frame(F.MESSAGE, 1, raw=msgpack.packb({"x": 1}), flags=2))
+            ev = await asyncio.wait_for(raw.terminated, 10)  # one call, then idle: closed
+            assert ev.error_code == Status.OK and "idle_timeout_ms (400)" in ev.reason_phrase, ev
+            goaways = [msgpack.unpackb(f[3]) for f in raw.frames(0) if f[0] == F.GOAWAY]
+            assert goaways and goaways[-1][0] == 1 and "idle_timeout_ms (400)" in goaways[-1][2]
+            await until(lambda: not server.sessions and not server._quic[0].connections,
+                        what="the server to drop the connection")
     uvloop.run(main())
 
 
