@@ -392,7 +392,7 @@ class Broker:
         shard = info.get("shard")
         current = self.registry.by_shard.get(shard) if isinstance(shard, int) else None
         if (current is not None and current.identity != identity and current.pid == info.get("pid")
-                and current.bus == info.get("bus")):
+                and current.bus == info.get("bus") and info.get("shards") == self.shards):
             self.registry.remove(current.identity)
             self._worker_dead(current, f"worker for shard {current.shard} reconnected (it heard no "
                                        "heartbeat in time and dropped this broker's sessions)", died=False)

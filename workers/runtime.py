@@ -93,8 +93,8 @@ class BrokerLink:
     def drop_all(self) -> None:
         """Cancel every session of this broker (handlers clean up); a new epoch starts."""
         self.epoch += 1
-        for cid, s in list(self.sessions.items()):
-            self._forget(cid)
+        for s in list(self.sessions.values()):
+            self.worker.routes.pop(s, None)
             s.connection_lost(None)
         self.sessions.clear()
         if self.client_session is not None:
@@ -143,9 +143,14 @@ class BrokerLink:
             case wire.FRAMES if n == 3:
                 cid, data = msg[1], msg[2]
                 s = self.sessions.get(cid)
+                hello = len(data) >= HEADER_SIZE and data[4] == FrameType.HELLO
+                if s is not None and hello:  # the broker opened this connection afresh
+                    del self.sessions[cid]
+                    self.worker.routes.pop(s, None)
+                    s.connection_lost(None)
+                    s = None
                 if s is None:
-                    if data[4:5] != bytes([FrameType.HELLO]) or len(data) < HEADER_SIZE:
-                        # a connection whose session we dropped (the broker has not noticed yet)
+                    if not hello:  # a connection whose session we dropped (the broker has not noticed yet)
                         self.send([wire.GONE, cid])
                         return
                     s = self._session(cid)
@@ -154,8 +159,8 @@ class BrokerLink:
                 self.registered.set()
             case wire.DISCONNECT if n == 2:
                 s = self.sessions.pop(msg[1], None)
-                self._forget(msg[1])
                 if s is not None:
+                    self.worker.routes.pop(s, None)
                     s.connection_lost(None)
             case wire.GAP if n == 2:
                 topic, after, upto = msgpack.unpackb(msg[1])
@@ -185,18 +190,13 @@ class BrokerLink:
         def close() -> None:
             if self.sessions.get(cid) is s:
                 del self.sessions[cid]
-                self._forget(cid)
+            w.routes.pop(s, None)
 
         s = ServerSession(w.dispatcher, write, close, peer="broker", authenticator=trust_principal,
                           relayed_peer=True)
         self.sessions[cid] = s
         w.routes[s] = (self, cid)
         return s
-
-    def _forget(self, cid: bytes) -> None:
-        s = self.sessions.get(cid)
-        if s is not None:
-            self.worker.routes.pop(s, None)
 
     async def client(self) -> Client:
         """A client whose calls go through this broker."""
