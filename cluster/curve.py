@@ -9,7 +9,9 @@ link is encrypted and mutually authenticated with CurveZMQ: the binding side
 is the Curve server, the connecting side the Curve client, and the server
 side admits only public keys listed in the key set's ``authorized/``
 directory, through a ZAP handler (pyzmq's :mod:`zmq.auth` authenticator);
-any other key is refused with a warning naming it. ``ipc://`` links stay as
+any other key is refused with a warning naming it; a peer that fails the
+handshake before that (plaintext, or a wrong server key) is logged too, from
+the socket's monitor (:meth:`CurveGuard.on_monitor_event`). ``ipc://`` links stay as
 they are (filesystem permissions guard them).
 
 The key set
@@ -51,6 +53,7 @@ from typing import Any
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import parse_monitor_message
 
 __all__ = ["ClusterKeys", "CurveGuard", "check_endpoint", "create_keys", "is_tcp"]
 
@@ -175,6 +178,30 @@ class CurveGuard:
         sock.curve_secretkey = self.keys.secret
         sock.curve_publickey = self.keys.public
         sock.curve_serverkey = server_public
+
+    #: Socket-monitor events of a failed handshake, for :meth:`on_monitor_event`.
+    HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                        | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+    def on_monitor_event(self, parts: list[bytes]) -> None:
+        """A server socket's monitor reported a failed handshake: log it (once a minute)."""
+        try:
+            event = parse_monitor_message(parts)
+        except (ValueError, IndexError):
+            return
+        reasons: dict[int, str] = {
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused by ZAP (unknown key)",
+            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol error (plaintext, or a wrong server key)",
+            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the connection failed during the handshake"}
+        what = reasons.get(int(event["event"]), f"error {event['value']}")
+        endpoint = event["endpoint"].decode("utf-8", "replace")
+        tag = f"{endpoint}/{event['event']}".encode()
+        now = time.monotonic()
+        if now - self._logged.get(tag, -1e9) < 60:
+            return
+        self._logged[tag] = now
+        self.refused += 1
+        log.warning("a cluster peer failed the CurveZMQ handshake on %s: %s", endpoint, what)
 
     def close(self) -> None:
         self._auth.stop()

@@ -9,7 +9,9 @@ by :class:`~cluster.zmqio.SocketReader`. A worker's :meth:`ZmqWorkerEnd.open`
 after a silent broker closes the DEALER and opens a new one (the zguide's
 Paranoid Pirate), so nothing queued for the old connection is delivered.
 With a cluster key set (:mod:`cluster.curve`) every ``tcp://`` socket is
-CurveZMQ: the ROUTER and each PUB bus are servers, DEALERs and the SUB clients.
+CurveZMQ: the ROUTER and each PUB bus are servers, DEALERs and the SUB clients;
+the ROUTER's socket monitor reports peers that fail the handshake
+(:meth:`~cluster.curve.CurveGuard.on_monitor_event` logs them).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class ZmqBrokerEnd:
         self.endpoint = endpoint
         self.curve = curve            # tcp:// links are CurveZMQ with a key set
         self._followed: set[str] = set()
+        self._monitor: zmq.Socket[Any] | None = None  # failed CurveZMQ handshakes
         self._router: zmq.Socket[Any] | None = None
         self._sub: zmq.Socket[Any] | None = None
         self._readers: list[SocketReader] = []
@@ -70,6 +73,9 @@ class ZmqBrokerEnd:
 
         self._router_reader = SocketReader(router, message)
         self._readers = [self._router_reader, SocketReader(sub, event)]
+        if self.curve is not None and is_tcp(self.endpoint):
+            self._monitor = router.get_monitor_socket(self.curve.HANDSHAKE_FAILED)
+            self._readers.append(SocketReader(self._monitor, self.curve.on_monitor_event))
 
     def send(self, worker: bytes, frames: list[bytes]) -> None:
         assert self._router is not None
@@ -98,6 +104,10 @@ class ZmqBrokerEnd:
     def close(self) -> None:
         for reader in self._readers:
             reader.close()
+        if self._monitor is not None and self._router is not None:
+            self._router.disable_monitor()
+            self._monitor.close(0)
+            self._monitor = None
         for sock in (self._router, self._sub):
             if sock is not None:
                 sock.close(0)

@@ -147,18 +147,26 @@ class OneShard:
                                    "--router", f"tcp://{bind}:{self.port}",
                                    "--cluster-keys", str(net.keys), "--liveness", str(LIVENESS),
                                    app=None, heartbeat_ms=HEARTBEAT_MS)
-        self.workers: dict[int, Proc] = {}
+        self.workers: dict[int, Proc] = {}  # by host
+        self.extra: list[Proc] = []  # more processes on a host
 
-    def worker(self, i: int, keys: Path | None = None, store: bool = True) -> Proc:
+    def worker(self, i: int, keys: Path | None = None, store: bool = True,
+               plaintext: bool = False, name: str = "") -> Proc:
         hosts, me, broker = self.net.hosts, self.net.hosts.address(i), self.net.hosts.broker_side(i)
+        security = (["--cluster-insecure"] if plaintext
+                    else ["--cluster-keys", str(keys or self.net.keys)])
         args = ["--shard", "0", "--shards", "1", "--broker", f"tcp://{broker}:{self.port}",
-                "--bus", f"tcp://{me}:{free_port()}", "--cluster-keys", str(keys or self.net.keys),
+                "--bus", f"tcp://{me}:{free_port()}", *security,
                 "--heartbeat-ms", str(HEARTBEAT_MS), "--liveness", str(LIVENESS),
                 "--chat-rate-per-s", "0"]
         args += (["--store", f"postgresql://postgres@{broker}:{self.net.pg.port}/{self.db}"]
                  if store else ["--data-dir", str(self.home / f"data-{i}")])
         argv = [*hosts.prefix(i), str(BIN / "zrpc-worker"), *args]
-        p = self.workers[i] = Proc(argv, env_for(self.home), self.home / f"w{i}.log").start()
+        p = Proc(argv, env_for(self.home), self.home / f"{name or f'w{i}'}.log").start()
+        if name:
+            self.extra.append(p)
+        else:
+            self.workers[i] = p
         return p
 
     def host_of(self, pid: int) -> int:
@@ -169,6 +177,8 @@ class OneShard:
             if self.net.hosts.netns:
                 self.net.hosts.heal(i)
             p.signal(signal.SIGCONT)
+            p.stop()
+        for p in self.extra:
             p.stop()
         self.broker.stop()
 
@@ -286,6 +296,12 @@ def test_a_worker_with_unknown_keys_is_refused(one_shard: OneShard) -> None:
              in one_shard.broker.output(), what="the broker refusing the unknown key")
     assert intruder.popen is not None and intruder.popen.poll() is None  # still knocking
     assert f"pid {intruder.pid} registered" not in one_shard.broker.output()
+    # No keys at all (plaintext): refused by the handshake itself, logged from the monitor.
+    plain = one_shard.worker(3, store=False, plaintext=True, name="plain")
+    wait_for(lambda: "failed the CurveZMQ handshake on tcp://" in one_shard.broker.output()
+             and ": protocol error (plaintext" in one_shard.broker.output(),
+             what="the broker logging the plaintext peer")
+    assert f"pid {plain.pid} registered" not in one_shard.broker.output()
 
 
 @pytest.mark.parametrize("command", [
