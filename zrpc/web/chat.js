@@ -28,6 +28,21 @@ const ui = {
 /** The state of the current session (null when not joined). */
 let session = null;
 
+/**
+ * The idempotency key of the text in the message box: sending the same text again after a
+ * failure reuses it, so a message that was stored before the failure is not stored twice
+ * (docs/chat.md, "Exactly-once sends"). A new text gets a new key.
+ */
+let pending = null; // {content, key}
+
+function keyFor(content) {
+  if (pending === null || pending.content !== content) {
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
+    pending = { content, key: Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("") };
+  }
+  return pending.key;
+}
+
 function setStatus(state, text) {
   ui.status.dataset.state = state;
   ui.status.textContent = text;
@@ -295,7 +310,10 @@ async function refreshWho(s) {
 async function send(s, content) {
   const client = s.client;
   if (!client) throw new ZrpcError(Status.UNAVAILABLE, "not connected");
-  return client.unary("Chat/SendMessage", { room: s.room, user: s.user, content }, { timeoutMs: 10000 });
+  const request = { room: s.room, user: s.user, content, idempotency_key: keyFor(content) };
+  const ack = await client.unary("Chat/SendMessage", request, { timeoutMs: 10000 });
+  pending = null;
+  return ack;
 }
 
 // ---------------------------------------------------------------- page wiring
@@ -346,9 +364,13 @@ function init() {
         ui.me.textContent = stored;
       }
     } catch (err) {
-      // the text stays in the box; if the connection dropped the message may still have been
-      // stored: it then shows up when the subscription resumes, once (ids are deduplicated)
-      ui.sendError.textContent = `Not sent (${describe(err)}). Try again.`;
+      // the text stays in the box with its idempotency key: if the connection dropped the
+      // message may have been stored, and sending it again returns that message, not a copy
+      const maybe = err instanceof ZrpcError
+        && (err.code === Status.UNAVAILABLE || err.code === Status.DEADLINE_EXCEEDED);
+      ui.sendError.textContent = maybe
+        ? `Maybe not sent (${describe(err)}). Send again: it will not appear twice.`
+        : `Not sent (${describe(err)}). Try again.`;
     } finally {
       ui.send.disabled = ui.input.disabled;
       ui.input.focus();
