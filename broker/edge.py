@@ -32,7 +32,7 @@ import msgpack
 from cluster.sharding import shard_for
 from cluster.wire import trust_principal
 from zrpc.codec import decompress
-from zrpc.limits import CLOSE_LINGER_S, IdleTimer, admit_connection, peer_name
+from zrpc.limits import ConnectionTimers, admit_connection, peer_name
 from zrpc.outbox import Final, Outbox, buffer_full
 from zrpc.protocol.connection import Connection, Role, Settings
 from zrpc.protocol.events import (
@@ -548,9 +548,7 @@ class EdgeProtocol(asyncio.Protocol):
         self.websocket = websocket  # carried in WebSocket messages: the TLS ALPN is http/1.1
         self.session: EdgeSession | None = None
         self.transport: Any = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._linger: asyncio.TimerHandle | None = None
-        self._idle: IdleTimer | None = None
+        self._timers: ConnectionTimers | None = None
 
     def connection_made(self, transport: Any) -> None:  # uvloop's transports are not asyncio.Transport
         broker = self.broker
@@ -571,40 +569,22 @@ class EdgeProtocol(asyncio.Protocol):
         self.session = s
         broker.sessions[s.cid] = s
         broker.metrics.activity.connection_opened(peer)
-        self._timer = s.loop.call_later(cfg.handshake_timeout_ms / 1000, self._expired)
-        if cfg.idle_timeout_ms:
-            self._idle = IdleTimer(s, cfg.idle_timeout_ms)
+        self._timers = ConnectionTimers(s, cfg, lambda: s.hello_received)
 
     def _close_transport(self) -> None:
         """Close the socket; abort it if the peer does not finish the TLS close promptly."""
-        if self._idle is not None:
-            self._idle.cancel()
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.close()
-            self._linger = asyncio.get_running_loop().call_later(CLOSE_LINGER_S, transport.abort)
-
-    def _expired(self) -> None:
-        s = self.session
-        if s is not None and not s.hello_received:
-            s.conn.close(Status.DEADLINE_EXCEEDED, "no HELLO within handshake_timeout_ms "
-                         f"({self.broker.server_config.handshake_timeout_ms})")
-            s.terminate(Status.DEADLINE_EXCEEDED, "handshake timeout")
+        if self._timers is not None:
+            self._timers.close(self.transport)
 
     def data_received(self, data: bytes) -> None:
         s = self.session
         if s is not None:
             s.data_received(data)
-            if self._timer is not None and s.hello_received:
-                self._timer.cancel()
-                self._timer = None
+            if self._timers is not None:
+                self._timers.check_hello()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._linger is not None:
-            self._linger.cancel()
-        if self._idle is not None:
-            self._idle.cancel()
+        if self._timers is not None:
+            self._timers.cancel()
         if self.session is not None:
             self.session.connection_lost(exc)

@@ -251,18 +251,25 @@ class ClientStream(_StreamBase, Generic[Req, Resp]):
         await self._call.send(message)
 
     async def close_and_receive(self) -> Resp:
-        call = self._call
-        try:
-            if not call.done:
-                call.close_send()
-            resp = await call.recv()
-            await call.status()
-        except asyncio.CancelledError:
-            call.cancel()
-            raise
-        if resp is None:
-            raise RpcError(Status.INTERNAL, "the server sent no response")
-        return resp
+        return await _single_response(self._call)
+
+
+async def _single_response(call: ClientCall, last: tuple[Any] | None = None) -> Any:
+    """Unary and client streaming: send ``last`` as the final request (or half-close),
+    then the one response and the status; a cancelled wait cancels the call."""
+    try:
+        if last is not None:
+            await call.send(last[0], end_stream=True)
+        elif not call.done:
+            call.close_send()
+        resp = await call.recv()
+        await call.status()
+    except asyncio.CancelledError:
+        call.cancel()
+        raise
+    if resp is None:
+        raise RpcError(Status.INTERNAL, "the server sent no response")
+    return resp
 
 
 class ServerStream(_StreamBase, Generic[Resp]):
@@ -451,16 +458,7 @@ class Client:
                     timeout: float | None = None, metadata: dict[str, str] | None = None) -> Any:
         """One request, one response."""
         call = await self._open(method, response_type, timeout, metadata, False)
-        try:
-            await call.send(request, end_stream=True)
-            resp = await call.recv()
-            await call.status()
-        except asyncio.CancelledError:
-            call.cancel()
-            raise
-        if resp is None:
-            raise RpcError(Status.INTERNAL, "the server sent no response")
-        return resp
+        return await _single_response(call, (request,))
 
     async def client_stream(self, method: str, request_type: Any = None, response_type: Any = None,
                             *, timeout: float | None = None,

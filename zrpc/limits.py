@@ -4,14 +4,17 @@
 * :func:`refuse_connection`: tell a client why it is refused (GOAWAY before
   HELLO, which the protocol allows) and close without waiting on it;
 * :class:`IdleTimer`: close a connection that had no stream for
-  ``idle_timeout_ms`` (keepalive PINGs do not count as activity).
+  ``idle_timeout_ms`` (keepalive PINGs do not count as activity);
+* :class:`ConnectionTimers`: an accepted connection's handshake deadline,
+  idle timer and close linger.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
@@ -21,7 +24,10 @@ from zrpc.session import SessionBase
 from zrpc.status import Status
 from zrpc.tls import ALPN_PROTOCOL
 
-__all__ = ["CLOSE_LINGER_S", "IdleTimer", "IpCounter", "admit_connection", "alpn_refusal", "peer_ip",
+if TYPE_CHECKING:
+    from zrpc.config import ServerConfig
+
+__all__ = ["CLOSE_LINGER_S", "ConnectionTimers", "IdleTimer", "IpCounter", "admit_connection", "alpn_refusal", "peer_ip",
            "peer_name", "refuse_connection"]
 
 log = logging.getLogger("zrpc.limits")
@@ -168,3 +174,61 @@ class IdleTimer:
             s.terminate(Status.UNAVAILABLE, message)
             return
         self._handle = s.loop.call_later(self.timeout / 4, self._check)
+
+
+class ConnectionTimers:
+    """The timers of one accepted connection, for the in-process server and the broker edge.
+
+    * handshake: no HELLO within ``handshake_timeout_ms`` closes the connection with
+      DEADLINE_EXCEEDED (``hello_done()`` says whether it arrived);
+    * idle: :class:`IdleTimer` when ``idle_timeout_ms`` is set;
+    * linger: :meth:`close` closes the transport and aborts it :data:`CLOSE_LINGER_S`
+      later if the peer does not finish the TLS close (a peer that stopped reading would
+      otherwise hold the socket for the transport's 30 s shutdown timeout).
+    """
+
+    __slots__ = ("_handshake", "_handshake_ms", "_idle", "_linger", "hello_done", "session")
+
+    def __init__(self, session: SessionBase, config: ServerConfig,
+                 hello_done: Callable[[], bool]) -> None:
+        self.session = session
+        self.hello_done = hello_done
+        self._handshake_ms = config.handshake_timeout_ms
+        self._handshake: asyncio.TimerHandle | None = session.loop.call_later(
+            config.handshake_timeout_ms / 1000, self._expired)
+        self._idle = IdleTimer(session, config.idle_timeout_ms) if config.idle_timeout_ms else None
+        self._linger: asyncio.TimerHandle | None = None
+
+    def check_hello(self) -> None:
+        """Call after feeding data: the handshake deadline is over once HELLO arrived."""
+        if self._handshake is not None and self.hello_done():
+            self._handshake.cancel()
+            self._handshake = None
+
+    def _expired(self) -> None:
+        self._handshake = None
+        s = self.session
+        if not s.closed and not self.hello_done():
+            s.conn.close(Status.DEADLINE_EXCEEDED,
+                         f"no HELLO within handshake_timeout_ms ({self._handshake_ms})")
+            s.terminate(Status.DEADLINE_EXCEEDED, "handshake timeout")
+
+    def stop_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def close(self, transport: Any) -> None:
+        """Close ``transport`` (abort it after the linger)."""
+        self.stop_idle()
+        if transport is not None and not transport.is_closing():
+            transport.close()
+            self._linger = asyncio.get_running_loop().call_later(CLOSE_LINGER_S, transport.abort)
+
+    def cancel(self) -> None:
+        """The transport is gone: stop every timer."""
+        for h in (self._handshake, self._linger):
+            if h is not None:
+                h.cancel()
+        self._handshake = self._linger = None
+        self.stop_idle()

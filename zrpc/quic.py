@@ -33,6 +33,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.tls import SessionTicket
 
+from zrpc.limits import CLOSE_LINGER_S
 from zrpc.protocol.connection import Settings
 from zrpc.protocol.frames import CONTROL_FRAME_LIMIT
 from zrpc.protocol.quic import CONTROL_STREAM, StreamMux
@@ -59,7 +60,6 @@ _MAX_EARLY_BYTES = 64 * 1024
 #: Session tickets the server keeps for resumption (each used once), and the client's cache.
 _MAX_TICKETS = 10_000
 #: How long a closing QUIC connection may take before its UDP socket (client) is closed anyway.
-_CLOSE_LINGER_S = 2.0
 AppFactory = Callable[[], asyncio.Protocol]
 
 
@@ -192,7 +192,7 @@ class _ZrpcQuicProtocol(QuicConnectionProtocol):
         self._quic.close(error_code=code, reason_phrase=reason)
         self.transmit()
         if self.is_client:
-            self._loop.call_later(_CLOSE_LINGER_S, self._end, None)
+            self._loop.call_later(CLOSE_LINGER_S, self._end, None)
 
     # -------------------------------------------------------------- input
     def quic_event_received(self, event: qe.QuicEvent) -> None:

@@ -24,7 +24,7 @@ from zrpc.config import ServerConfig
 from zrpc.context import RequestContext
 from zrpc.dispatch import Authenticator, Dispatcher, ServerCall, ServerSession
 from zrpc.fanout import FanOut
-from zrpc.limits import IdleTimer, IpCounter, admit_connection, peer_name
+from zrpc.limits import ConnectionTimers, IpCounter, admit_connection, peer_name
 from zrpc.service import Service
 from zrpc.status import Status
 from zrpc.tls import ALPN_PROTOCOL, TlsConfig, peer_identity
@@ -33,7 +33,6 @@ __all__ = ["LocalBus", "Server", "builtin_services"]
 
 log = logging.getLogger("zrpc.server")
 #: How long a closing connection may take to finish the TLS close before it is aborted.
-_CLOSE_LINGER_S = 2.0
 
 
 class LocalBus:
@@ -71,9 +70,7 @@ class _ServerProtocol(asyncio.Protocol):
         self.server = server
         self.session: ServerSession | None = None
         self.transport: asyncio.Transport | None = None
-        self._handshake: asyncio.TimerHandle | None = None
-        self._linger: asyncio.TimerHandle | None = None
-        self._idle: IdleTimer | None = None
+        self._timers: ConnectionTimers | None = None
         self._ip: str | None = None  # counted in server.per_ip while set
 
     def connection_made(self, transport: Any) -> None:  # uvloop's transports are not asyncio.Transport
@@ -95,19 +92,15 @@ class _ServerProtocol(asyncio.Protocol):
             session.identity = cert_identity
         self.session = session
         server.sessions.add(session)
-        loop = session.loop
-        self._handshake = loop.call_later(cfg.handshake_timeout_ms / 1000, self._handshake_expired)
-        if cfg.idle_timeout_ms:
-            self._idle = IdleTimer(session, cfg.idle_timeout_ms)
+        self._timers = ConnectionTimers(session, cfg, session.hello_received.is_set)
 
     def _release(self) -> None:
         """Free the connection's per-IP slot and timers (once)."""
         if self._ip is not None:
             self.server.per_ip.release(self._ip)
             self._ip = None
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        if self._timers is not None:
+            self._timers.stop_idle()
 
     def _close_transport(self) -> None:
         """The session is over: free its slot now and close the socket.
@@ -119,31 +112,19 @@ class _ServerProtocol(asyncio.Protocol):
         if self.session is not None:
             self.server.sessions.discard(self.session)
         self._release()
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.close()
-            self._linger = asyncio.get_running_loop().call_later(_CLOSE_LINGER_S, transport.abort)
-
-    def _handshake_expired(self) -> None:
-        s = self.session
-        if s is not None and not s.hello_received.is_set():
-            s.conn.close(Status.DEADLINE_EXCEEDED,
-                         f"no HELLO within handshake_timeout_ms ({self.server.config.handshake_timeout_ms})")
-            s.terminate(Status.DEADLINE_EXCEEDED, "handshake timeout")
+        if self._timers is not None:
+            self._timers.close(self.transport)
 
     def data_received(self, data: bytes) -> None:
         s = self.session
         if s is not None:
             s.data_received(data)
-            if self._handshake is not None and s.hello_received.is_set():
-                self._handshake.cancel()
-                self._handshake = None
+            if self._timers is not None:
+                self._timers.check_hello()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._handshake is not None:
-            self._handshake.cancel()
-        if self._linger is not None:
-            self._linger.cancel()
+        if self._timers is not None:
+            self._timers.cancel()
         self._release()
         if self.session is not None:
             self.session.connection_lost(exc)
