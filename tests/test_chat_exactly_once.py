@@ -88,11 +88,15 @@ def test_killing_the_worker_under_retrying_senders_stores_each_message_once(tmp_
                 for w in range(0, per_sender, WINDOW):  # pipelined: WINDOW sends in flight
                     await asyncio.gather(*(one(i) for i in range(w, min(w + WINDOW, per_sender))))
 
+            sending_done = asyncio.Event()
+
             async def killer() -> list[int]:
                 killed: list[int] = []
                 for _ in range(kills):
                     start = len(acked)
                     while len(acked) < start + 40:  # busy again (after a restart) before each kill
+                        if sending_done.is_set():
+                            return killed  # the load ended first: reported below
                         await asyncio.sleep(0.005)
                     pid = shard_worker(broker, shard)
                     while pid is None or pid in killed:
@@ -105,8 +109,9 @@ def test_killing_the_worker_under_retrying_senders_stores_each_message_once(tmp_
             try:
                 killing = asyncio.ensure_future(killer())
                 await asyncio.gather(*(sender(k) for k in range(senders)))
+                sending_done.set()
                 killed = await asyncio.wait_for(killing, 30)
-                assert len(killed) == kills
+                assert len(killed) == kills, f"the load ended after {len(killed)} of {kills} kills"
                 total = senders * per_sender
                 retries = sum(c.retries for c in clients)
                 assert retries > 0, "no send was retried: the kills missed the load"
