@@ -36,6 +36,7 @@ from cluster.curve import ClusterKeys, CurveGuard, check_endpoint, is_tcp
 from cluster.link import BrokerEnd
 from cluster.sharding import shard_for
 from cluster.zmqlink import ZmqBrokerEnd
+from zrpc import defaults
 from zrpc.address import AddressError, parse_listen_address
 from zrpc.config import ServerConfig
 from zrpc.dispatch import Authenticator
@@ -69,21 +70,21 @@ def _startup_step(option: str, value: object) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class BrokerConfig:
-    listen: str = "127.0.0.1:8443"
+    listen: str = defaults.LISTEN
     quic_listen: str | None = None            # UDP HOST:PORT for zrpc over QUIC (same TLS, limits, auth)
     tls: TlsConfig | None = None              # None: development TLS under ZRPC_HOME
-    workers: int = 2                          # workers to spawn and supervise (0: external only)
+    workers: int = defaults.WORKERS                          # workers to spawn and supervise (0: external only)
     shards: int | None = None                 # default: workers (required when workers == 0)
     data_dir: str | None = None               # default: $ZRPC_HOME/data
     runtime_dir: str | None = None            # ipc:// endpoints live here (default: a temp dir)
     router: str | None = None                 # endpoint workers connect to (default ipc://)
-    heartbeat_ms: int = 1000
-    liveness: int = 3
+    heartbeat_ms: int = defaults.HEARTBEAT_MS
+    liveness: int = defaults.LIVENESS
     server: ServerConfig = field(default_factory=ServerConfig)
     metrics_port: int | None = None
     web_port: int | None = None               # HTTPS chat page + zrpc over WebSocket (broker/web.py)
     web_origins: tuple[str, ...] = ()         # origins besides the page's own allowed to open /zrpc
-    log_level: str = "INFO"
+    log_level: str = defaults.LOG_LEVEL
     app: str = DEFAULT_APP                    # module:function the spawned workers serve
     app_options: dict[str, Any] = field(default_factory=dict)  # passed to the app (chat rate limits)
     store: str = ""                           # history store URL for the workers ("" = data_dir)

@@ -17,6 +17,7 @@ from broker.broker import Broker, BrokerConfig, StartupError
 from cli.common import (
     LOG_LEVELS,
     AddressParam,
+    EnvOption,
     check_store_url,
     run_async,
     setup_logging,
@@ -24,6 +25,7 @@ from cli.common import (
     tune_gc,
 )
 from cluster.config import DEFAULT_APP
+from zrpc import defaults
 from zrpc.auth import JwtAuthenticator
 from zrpc.config import ServerConfig, StreamConfig
 
@@ -59,7 +61,7 @@ def _authenticator(secret: str | None, public_key_file: str | None, audience: st
 
 
 @main.command()
-@click.option("--listen", default="127.0.0.1:8443", show_default=True, envvar="ZRPC_LISTEN",
+@click.option("--listen", default=defaults.LISTEN, show_default=True, envvar="ZRPC_LISTEN",
               type=AddressParam(default_host="127.0.0.1", allow_port_zero=True),
               help="HOST:PORT for client connections (also :PORT, PORT, [IPv6]:PORT; "
                    "port 0 picks a free one).")
@@ -67,7 +69,7 @@ def _authenticator(secret: str | None, public_key_file: str | None, audience: st
               type=AddressParam(default_host="127.0.0.1", allow_port_zero=True),
               help="Also accept zrpc over QUIC on this UDP HOST:PORT (same certificates, limits, "
                    "auth and metrics as --listen; clients use quic://HOST:PORT). Off by default.")
-@click.option("--workers", type=int, default=2, show_default=True, envvar="ZRPC_WORKERS",
+@click.option("--workers", type=int, default=defaults.WORKERS, show_default=True, envvar="ZRPC_WORKERS",
               help="Shard workers to spawn and supervise; 0 waits for external `zrpc-worker`s.")
 @click.option("--shards", type=int, default=None, envvar="ZRPC_SHARDS",
               help="Number of shards (default: --workers; required with --workers 0).")
@@ -86,21 +88,24 @@ def _authenticator(secret: str | None, public_key_file: str | None, audience: st
                    "tcp://0.0.0.0:7000 for workers on other hosts).")
 @click.option("--runtime-dir", type=click.Path(file_okay=False), default=None, envvar="ZRPC_RUNTIME_DIR",
               help="Directory for ipc:// endpoints (default: a fresh temporary directory).")
-@click.option("--cert", default=None, envvar="ZRPC_TLS_CERT", type=click.Path(exists=True, dir_okay=False), help="Server certificate chain (PEM).")
-@click.option("--key", default=None, envvar="ZRPC_TLS_KEY", type=click.Path(exists=True, dir_okay=False), help="Server private key (PEM).")
-@click.option("--ca", default=None, envvar="ZRPC_TLS_CA", type=click.Path(exists=True, dir_okay=False), help="CA bundle for client certificates (mTLS).")
+@click.option("--cert", default=None, envvar="ZRPC_CERT", cls=EnvOption,
+              deprecated_envvars=("ZRPC_TLS_CERT",), type=click.Path(exists=True, dir_okay=False), help="Server certificate chain (PEM).")
+@click.option("--key", default=None, envvar="ZRPC_KEY", cls=EnvOption,
+              deprecated_envvars=("ZRPC_TLS_KEY",), type=click.Path(exists=True, dir_okay=False), help="Server private key (PEM).")
+@click.option("--ca", default=None, envvar="ZRPC_CA", cls=EnvOption,
+              deprecated_envvars=("ZRPC_TLS_CA",), type=click.Path(exists=True, dir_okay=False), help="CA bundle for client certificates (mTLS).")
 @click.option("--require-client-cert", is_flag=True, envvar="ZRPC_REQUIRE_CLIENT_CERT",
               help="Mutual TLS: clients must present a certificate signed by --ca.")
 @click.option("--insecure", is_flag=True, envvar="ZRPC_INSECURE", help="Plaintext, no TLS (development only).")
-@click.option("--heartbeat-ms", type=int, default=1000, show_default=True, envvar="ZRPC_HEARTBEAT_MS",
+@click.option("--heartbeat-ms", type=int, default=defaults.HEARTBEAT_MS, show_default=True, envvar="ZRPC_HEARTBEAT_MS",
               help="Heartbeat interval between broker and workers.")
-@click.option("--liveness", type=int, default=3, show_default=True, envvar="ZRPC_LIVENESS",
+@click.option("--liveness", type=int, default=defaults.LIVENESS, show_default=True, envvar="ZRPC_LIVENESS",
               help="Missed heartbeats before a worker is declared dead.")
-@click.option("--max-connections", type=int, default=10_000, show_default=True, envvar="ZRPC_MAX_CONNECTIONS")
-@click.option("--max-connections-per-ip", type=click.IntRange(min=1), default=1000, show_default=True,
+@click.option("--max-connections", type=int, default=defaults.MAX_CONNECTIONS, show_default=True, envvar="ZRPC_MAX_CONNECTIONS")
+@click.option("--max-connections-per-ip", type=click.IntRange(min=1), default=defaults.MAX_CONNECTIONS_PER_IP, show_default=True,
               envvar="ZRPC_MAX_CONNECTIONS_PER_IP",
               help="Connections one client IP may hold; past it RESOURCE_EXHAUSTED.")
-@click.option("--idle-timeout-ms", type=click.IntRange(min=0), default=600_000, show_default=True,
+@click.option("--idle-timeout-ms", type=click.IntRange(min=0), default=defaults.IDLE_TIMEOUT_MS, show_default=True,
               envvar="ZRPC_IDLE_TIMEOUT_MS",
               help="Close connections that had no stream for this long (0: never).")
 @click.option("--auth-secret", default=None, envvar="ZRPC_AUTH_SECRET",
@@ -123,20 +128,20 @@ def _authenticator(secret: str | None, public_key_file: str | None, audience: st
               help="Messages per second each chat user may send (default 50; 0: unlimited).")
 @click.option("--chat-rate-burst", type=click.IntRange(min=1), default=None,
               envvar="ZRPC_CHAT_RATE_BURST", help="Chat messages a user may send at once (default 100).")
-@click.option("--max-message-size", type=int, default=4 * 1024 * 1024, show_default=True,
+@click.option("--max-message-size", type=int, default=defaults.MAX_MESSAGE_SIZE, show_default=True,
               envvar="ZRPC_MAX_MESSAGE_SIZE")
-@click.option("--max-buffered-messages", type=int, default=4096, show_default=True,
+@click.option("--max-buffered-messages", type=int, default=defaults.MAX_BUFFERED_MESSAGES, show_default=True,
               envvar="ZRPC_MAX_BUFFERED_MESSAGES",
               help="Broadcast events queued per stream for a slow client before it gets RESOURCE_EXHAUSTED.")
-@click.option("--stream-window", type=int, default=256 * 1024, show_default=True, envvar="ZRPC_STREAM_WINDOW",
+@click.option("--stream-window", type=int, default=defaults.STREAM_WINDOW, show_default=True, envvar="ZRPC_STREAM_WINDOW",
               help="Per-stream flow-control window in bytes.")
-@click.option("--grace", type=float, default=10.0, show_default=True, envvar="ZRPC_GRACE",
+@click.option("--grace", type=float, default=defaults.SHUTDOWN_GRACE_MS / 1000, show_default=True, envvar="ZRPC_GRACE",
               help="Seconds in-flight calls get to finish on SIGTERM/SIGINT.")
 @click.option("--metrics-port", type=int, default=None, envvar="ZRPC_METRICS_PORT",
               help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics.")
 @click.option("--app", "app_ref", default=None, envvar="ZRPC_APP",
               help="module:function the workers serve (default: the chat service).")
-@click.option("--log-level", type=LOG_LEVELS, default="INFO", show_default=True, envvar="ZRPC_LOG_LEVEL")
+@click.option("--log-level", type=LOG_LEVELS, default=defaults.LOG_LEVEL, show_default=True, envvar="ZRPC_LOG_LEVEL")
 @click.option("--log-summary-interval", type=click.FloatRange(min=0), default=60.0, show_default=True,
               envvar="ZRPC_LOG_SUMMARY_INTERVAL", metavar="SECONDS",
               help="Log one INFO line of activity (connections, calls, errors by status) this often "

@@ -15,8 +15,16 @@ from zrpc.address import AddressError, parse_address
 from zrpc.redact import RedactingFilter
 from zrpc.tls import TlsConfig
 
-__all__ = ["LOG_LEVELS", "AddressParam", "check_store_url", "run_async", "setup_logging",
-           "tls_from_options", "tune_gc"]
+__all__ = [
+    "LOG_LEVELS",
+    "AddressParam",
+    "EnvOption",
+    "check_store_url",
+    "run_async",
+    "setup_logging",
+    "tls_from_options",
+    "tune_gc",
+]
 
 T = TypeVar("T")
 LOG_LEVELS = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)
@@ -37,6 +45,30 @@ class AddressParam(click.ParamType):
                                      allow_port_zero=self.allow_port_zero))
         except AddressError as exc:
             self.fail(str(exc), param, ctx)
+
+
+class EnvOption(click.Option):
+    """An option whose environment variable had other names, still read with a warning.
+
+    Every variable is ``ZRPC_`` + the option's long name (``--max-message-size``:
+    ``ZRPC_MAX_MESSAGE_SIZE``); ``deprecated_envvars`` lists the older names.
+    """
+
+    def __init__(self, *args: Any, deprecated_envvars: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.deprecated_envvars = deprecated_envvars
+
+    def resolve_envvar_value(self, ctx: click.Context) -> str | None:
+        value = super().resolve_envvar_value(ctx)
+        if value is not None:
+            return value
+        for old in self.deprecated_envvars:
+            value = os.environ.get(old)
+            if value:
+                click.echo(f"warning: {old} is deprecated and will be removed; set {self.envvar} "
+                           "instead", err=True)
+                return value
+        return None
 
 
 def setup_logging(level: str, name: str) -> None:

@@ -14,6 +14,7 @@ from cluster.config import DEFAULT_APP, WorkerConfig
 from cluster.curve import ClusterKeys
 from workers.app import load_app
 from workers.runtime import LeaseLost, serve
+from zrpc import defaults
 
 __all__ = ["EX_CONFIG", "EX_TEMPFAIL", "main"]
 
@@ -51,15 +52,15 @@ def _default_bus(broker: str, shard: int) -> str:
                    "every tcp:// link between brokers and workers.")
 @click.option("--cluster-insecure", is_flag=True, envvar="ZRPC_CLUSTER_INSECURE",
               help="Allow plaintext tcp:// cluster links on non-loopback addresses.")
-@click.option("--heartbeat-ms", type=int, default=1000, show_default=True, envvar="ZRPC_HEARTBEAT_MS",
+@click.option("--heartbeat-ms", type=int, default=defaults.HEARTBEAT_MS, show_default=True, envvar="ZRPC_HEARTBEAT_MS",
               help="Heartbeat interval; must equal the broker's.")
-@click.option("--liveness", type=int, default=3, show_default=True, envvar="ZRPC_LIVENESS",
+@click.option("--liveness", type=int, default=defaults.LIVENESS, show_default=True, envvar="ZRPC_LIVENESS",
               help="Missed heartbeats before the broker is declared dead; must equal the broker's.")
-@click.option("--max-message-size", type=click.IntRange(min=1024), default=4 * 1024 * 1024, show_default=True,
+@click.option("--max-message-size", type=click.IntRange(min=1024), default=defaults.MAX_MESSAGE_SIZE, show_default=True,
               envvar="ZRPC_MAX_MESSAGE_SIZE", help="Largest message accepted; at least the broker's.")
-@click.option("--stream-window", type=click.IntRange(min=1024), default=256 * 1024, show_default=True,
+@click.option("--stream-window", type=click.IntRange(min=1024), default=defaults.STREAM_WINDOW, show_default=True,
               envvar="ZRPC_STREAM_WINDOW", help="Per-stream receive window (bytes).")
-@click.option("--max-buffered-messages", type=click.IntRange(min=1), default=4096, show_default=True,
+@click.option("--max-buffered-messages", type=click.IntRange(min=1), default=defaults.MAX_BUFFERED_MESSAGES, show_default=True,
               envvar="ZRPC_MAX_BUFFERED_MESSAGES", help="Events queued per stream before it is ended.")
 @click.option("--chat-rate-per-s", type=click.FloatRange(min=0), default=None, envvar="ZRPC_CHAT_RATE_PER_S",
               help="Chat messages per second per user on this shard (0: no limit; default 50).")
@@ -67,7 +68,7 @@ def _default_bus(broker: str, shard: int) -> str:
               help="Chat messages a user may send at once (default 100).")
 @click.option("--app", "app_ref", default=DEFAULT_APP, show_default=True, envvar="ZRPC_APP",
               help="module:function building what this worker serves (given the Worker).")
-@click.option("--log-level", type=LOG_LEVELS, default="INFO", show_default=True, envvar="ZRPC_LOG_LEVEL")
+@click.option("--log-level", type=LOG_LEVELS, default=defaults.LOG_LEVEL, show_default=True, envvar="ZRPC_LOG_LEVEL")
 @click.pass_context
 def main(ctx: click.Context, config_json: str | None, shard: int | None, shards: int | None,
          brokers: tuple[str, ...], bus: str | None, data_dir: str | None, store: str | None,

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from cluster.curve import check_endpoint
+from zrpc import defaults
 from zrpc.config import ServerConfig, StreamConfig
 
 __all__ = ["DEFAULT_APP", "WorkerConfig", "mismatch"]
@@ -42,14 +43,14 @@ class WorkerConfig:
     cluster_keys: str = ""
     #: Allow plaintext tcp:// links on non-loopback addresses.
     cluster_insecure: bool = False
-    heartbeat_ms: int = 1000
-    liveness: int = 3
+    heartbeat_ms: int = defaults.HEARTBEAT_MS
+    liveness: int = defaults.LIVENESS
     app: str = DEFAULT_APP
-    log_level: str = "INFO"
+    log_level: str = defaults.LOG_LEVEL
     #: Largest message the worker accepts; at least the broker's ``--max-message-size``.
-    max_message_size: int = ServerConfig.max_message_size
-    stream_window: int = StreamConfig.buffer_size
-    max_buffered_messages: int = StreamConfig.max_buffered_messages
+    max_message_size: int = defaults.MAX_MESSAGE_SIZE
+    stream_window: int = defaults.STREAM_WINDOW
+    max_buffered_messages: int = defaults.MAX_BUFFERED_MESSAGES
     #: Options of the app (the chat reads ``rate_per_s`` and ``rate_burst``).
     app_options: dict[str, Any] = field(default_factory=dict)
 

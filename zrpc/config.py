@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from zrpc import defaults
 from zrpc.protocol.connection import Settings
 
 if TYPE_CHECKING:
@@ -31,10 +32,10 @@ class StreamConfig:
     stream ends with RESOURCE_EXHAUSTED and the client resumes).
     """
 
-    buffer_size: int = 256 * 1024
-    max_buffered_messages: int = 4096
+    buffer_size: int = defaults.STREAM_WINDOW
+    max_buffered_messages: int = defaults.MAX_BUFFERED_MESSAGES
     enable_compression: bool = False
-    compression_threshold: int = 1024
+    compression_threshold: int = defaults.COMPRESSION_THRESHOLD
 
     def __post_init__(self) -> None:
         if self.buffer_size < 1024:
@@ -51,19 +52,19 @@ class StreamConfig:
 class ServerConfig:
     """In-process server (and broker edge) limits."""
 
-    max_connections: int = 10_000
-    max_connections_per_ip: int = 1000         # past it: GOAWAY RESOURCE_EXHAUSTED before HELLO
-    idle_timeout_ms: int | None = 600_000      # close connections with no stream this long (None: off)
+    max_connections: int = defaults.MAX_CONNECTIONS
+    max_connections_per_ip: int = defaults.MAX_CONNECTIONS_PER_IP  # past it: GOAWAY RESOURCE_EXHAUSTED before HELLO
+    idle_timeout_ms: int | None = defaults.IDLE_TIMEOUT_MS  # close connections with no stream this long (None: off)
     request_timeout_ms: int | None = None     # default deadline for calls that send none
     enable_debug_logging: bool = False         # trace every frame at DEBUG level
-    max_concurrent_streams: int = 1024
-    max_message_size: int = 4 * 1024 * 1024
-    connection_window: int = 4 * 1024 * 1024
-    max_metadata_size: int = 16 * 1024
-    keepalive_interval_ms: int | None = 30_000
-    keepalive_timeout_ms: int = 10_000
-    handshake_timeout_ms: int = 10_000         # TLS + HELLO must complete within this
-    shutdown_grace_ms: int = 10_000            # in-flight calls get this long after GOAWAY
+    max_concurrent_streams: int = defaults.MAX_CONCURRENT_STREAMS
+    max_message_size: int = defaults.MAX_MESSAGE_SIZE
+    connection_window: int = defaults.CONNECTION_WINDOW
+    max_metadata_size: int = defaults.MAX_METADATA_SIZE
+    keepalive_interval_ms: int | None = defaults.KEEPALIVE_INTERVAL_MS
+    keepalive_timeout_ms: int = defaults.KEEPALIVE_TIMEOUT_MS
+    handshake_timeout_ms: int = defaults.HANDSHAKE_TIMEOUT_MS  # TLS + HELLO must complete within this
+    shutdown_grace_ms: int = defaults.SHUTDOWN_GRACE_MS  # in-flight calls get this long after GOAWAY
     stream_config: StreamConfig = field(default_factory=StreamConfig)
     interceptors: Sequence[Interceptor] = ()
     authenticator: Callable[[dict[str, Any], Any], Any] | None = None  # (hello, peer) -> identity
@@ -84,13 +85,13 @@ class ServerConfig:
 class ClientConfig:
     """Client defaults (the tutorial's ``ClientConfig``)."""
 
-    request_timeout_ms: int | None = 30_000    # default deadline of unary / client-streaming calls
+    request_timeout_ms: int | None = defaults.REQUEST_TIMEOUT_MS  # unary / client-streaming deadline
     stream_timeout_ms: int | None = None       # default deadline of server-streaming / bidi calls
-    connect_timeout_ms: int = 10_000
-    max_message_size: int = 4 * 1024 * 1024
-    connection_window: int = 4 * 1024 * 1024
-    keepalive_interval_ms: int | None = 30_000
-    keepalive_timeout_ms: int = 10_000
+    connect_timeout_ms: int = defaults.CONNECT_TIMEOUT_MS
+    max_message_size: int = defaults.MAX_MESSAGE_SIZE
+    connection_window: int = defaults.CONNECTION_WINDOW
+    keepalive_interval_ms: int | None = defaults.KEEPALIVE_INTERVAL_MS
+    keepalive_timeout_ms: int = defaults.KEEPALIVE_TIMEOUT_MS
     token: str | None = None                   # bearer token sent in HELLO
     user_agent: str = "zrpc-python"
     stream_config: StreamConfig = field(default_factory=StreamConfig)

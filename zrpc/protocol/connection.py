@@ -19,6 +19,7 @@ from typing import Any
 
 import msgpack
 
+from zrpc import defaults
 from zrpc.protocol.events import (
     ConnectionTerminated,
     Event,
@@ -75,13 +76,13 @@ class Role(enum.Enum):
 class Settings:
     """What one end announces in its HELLO and enforces on what it receives."""
 
-    max_message_size: int = 4 * 1024 * 1024
-    max_concurrent_streams: int = 1024
-    initial_stream_window: int = 256 * 1024
-    initial_connection_window: int = 4 * 1024 * 1024
-    max_metadata_size: int = 16 * 1024
+    max_message_size: int = defaults.MAX_MESSAGE_SIZE
+    max_concurrent_streams: int = defaults.MAX_CONCURRENT_STREAMS
+    initial_stream_window: int = defaults.STREAM_WINDOW
+    initial_connection_window: int = defaults.CONNECTION_WINDOW
+    max_metadata_size: int = defaults.MAX_METADATA_SIZE
     keepalive_interval_ms: int | None = None  # send PING after this much silence
-    keepalive_timeout_ms: int = 10_000       # PONG must come back within this
+    keepalive_timeout_ms: int = defaults.KEEPALIVE_TIMEOUT_MS  # PONG must come back within this
 
     def __post_init__(self) -> None:
         for name in ("max_message_size", "max_concurrent_streams", "initial_stream_window",
