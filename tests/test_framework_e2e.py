@@ -543,13 +543,13 @@ def test_flow_control_blocks_fast_sender_until_client_reads(transport: str) -> N
             sid = stream.stream_id
 
             # the handler ends up blocked inside send(): credit exhausted, a send pending
-            await eventually(lambda: probe.attempted > probe.sent
-                             and session.conn.send_credit(sid) <= 0, 10, "the sender to block")
+            # (send() may still be in its post-send yield when credit first reads <= 0, one message
+            # short of probe.sent: wait until what the client holds matches what got out)
+            inbox = stream._call.io._inbox
+            await eventually(lambda: probe.attempted > probe.sent and session.conn.send_credit(sid) <= 0
+                             and len(inbox) == probe.sent, 10, "the sender to block, the client to buffer")
             blocked_at = probe.sent
             assert window // size - 1 <= blocked_at <= bound, (blocked_at, bound)
-            # everything the server got out is buffered at the (non-reading) client, no more
-            inbox = stream._call.io._inbox
-            await eventually(lambda: len(inbox) == blocked_at, 10, "the client to buffer them")
             for _ in range(50):  # give the loop plenty of turns: nothing more may get out
                 await asyncio.sleep(0)
             assert probe.sent == blocked_at
