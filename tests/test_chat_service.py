@@ -633,3 +633,21 @@ def test_message_in_flight_when_sender_drops_is_broadcast_before_their_leave(tmp
             assert [(e.type, e.message.content if e.message else e.user_left) for e in events] == [
                 (ResponseType.message, "last words"), (ResponseType.user_left, "zed")]
     run(main())
+
+
+def test_cancelled_sender_does_not_withdraw_its_message(tmp_path: pathlib.Path) -> None:
+    async def main() -> None:
+        svc = ChatService(ChatConfig(data_dir=str(tmp_path)))
+        try:
+            sender = asyncio.create_task(svc._finish(svc._accept(ROOM, "a", "first", None)))
+            await asyncio.sleep(0)  # the row is accepted; the sender awaits its waiter
+            sender.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await sender
+            second = await svc._finish(svc._accept(ROOM, "a", "second", None))
+            assert second.id == 2
+            assert [(m.id, m.content) for m in svc.store.read(ROOM)] == [(1, "first"), (2, "second")]
+            assert not svc._state(ROOM).lost
+        finally:
+            await svc.close()
+    run(main())

@@ -245,6 +245,17 @@ def test_max_batch_bounds_a_transaction(backend: Backend) -> None:
     run_with_store(StoreConfig(path, max_batch=10), body)
 
 
+def test_one_iterations_rows_reach_the_writer_as_one_transaction(backend: Backend) -> None:
+    async def body(store: MessageStore) -> None:
+        await asyncio.gather(*(store.append(msg("r", i)) for i in range(1, 51)))
+        assert (store.commits, store.largest_batch) == (1, 50)
+        await asyncio.gather(*(store.append(msg("r", i)) for i in range(51, 76)))
+        assert (store.commits, store.largest_batch) == (2, 50)
+        assert [m.id for m in store.read("r", limit=100)] == list(range(1, 76))
+
+    run_with_store(StoreConfig(backend.url), body)
+
+
 def test_read_filters(backend: Backend) -> None:
     async def body(store: MessageStore) -> None:
         for i in range(1, 21):

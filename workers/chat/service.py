@@ -173,20 +173,21 @@ class ChatConfig:
 class _RoomState:
     """The service's publishing state of one room (see the module docstring)."""
 
-    __slots__ = ("last_ts", "lost", "next_pub", "pending", "resolved", "room", "waiters")
+    __slots__ = ("last_ts", "lost", "next_pub", "pending", "resolved", "room")
 
     def __init__(self, room: Room, last_ts: int) -> None:
         self.room = room
         self.resolved = room.last_id      # every id <= resolved is published (or lost)
         self.next_pub = room.last_id + 1
         self.last_ts = last_ts            # timestamps never decrease within a room
-        # id -> [message, bus, committed?] for ids accepted but not yet published
+        # id -> [message, bus, commit error, committed? (None: not yet), senders' waiters]
+        # for ids accepted but not yet published
         self.pending: dict[int, list[Any]] = {}
         self.lost: set[int] = set()       # ids whose commit failed: never published
-        self.waiters: dict[int, asyncio.Future[None]] = {}
 
 
-# An accepted send: the room's state, the message, the future of its commit.
+# An accepted send: the room's state, the message, and the sender's own waiter, which
+# completes once the message is published (fails with UNAVAILABLE if it was not stored).
 _Accepted = tuple[_RoomState, StoredMessage, "asyncio.Future[None]"]
 
 
@@ -221,7 +222,7 @@ class ChatService:
                                last_ids=self.store.last_ids())
         self._states: dict[str, _RoomState] = {}
         # (room, user, idempotency key) -> the send holding it until its commit resolves
-        self._keys: dict[tuple[str, str, str], _Accepted] = {}
+        self._keys: dict[tuple[str, str, str], tuple[_RoomState, StoredMessage]] = {}
         self._activity: dict[str, int] = {}
         self._closing = False
         self._service: Service | None = None
@@ -389,24 +390,39 @@ class ChatService:
     async def _duplicate(self, room: str, user: str, content: str, key: str) -> _Accepted | None:
         """The first send of ``key`` by ``user`` in ``room``, in flight or stored, or None.
 
-        In flight: its own ``(state, message, commit future)``; stored: the
-        stored id and timestamp with an already completed future. The caller
-        accepts a new message right after this returns None (no await between).
+        In flight: its state and message with a new waiter of this sender's own
+        (resolved with the first send's); stored: the stored id and timestamp
+        with an already completed waiter. The caller accepts a new message
+        right after this returns None (no await between).
         """
         if not key:
             return None
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         inflight = self._keys.get((room, user, key))
         if inflight is not None:
-            return inflight
+            return self._join_inflight(inflight, fut)
         found = await self.store.find_key_async(room, user, key)
         inflight = self._keys.get((room, user, key))  # accepted by a retry meanwhile?
         if inflight is not None:
-            return inflight
+            return self._join_inflight(inflight, fut)
         if found is None:
             return None
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         fut.set_result(None)
         return self._state(room), StoredMessage(room, found[0], user, content, found[1], key), fut
+
+    @staticmethod
+    def _join_inflight(inflight: tuple[_RoomState, StoredMessage],
+                       fut: asyncio.Future[None]) -> _Accepted:
+        """A resent key whose first send is in flight: ``fut`` resolves with that send."""
+        st, stored = inflight
+        entry = st.pending.get(stored.id)
+        if entry is not None:
+            entry[4].append(fut)
+        elif stored.id in st.lost:
+            fut.set_exception(RpcError(Status.UNAVAILABLE, "message was not stored"))
+        else:
+            fut.set_result(None)
+        return st, stored, fut
 
     async def _admit(self, room: str, user: str, content: str, bus: Bus | None, key: str,
                      ctx: RequestContext, *, paced: bool,
@@ -428,7 +444,12 @@ class ChatService:
     def _accept(self, room: str, user: str, content: str, bus: Bus | None,
                 key: str = "") -> _Accepted:
         """Assign id + timestamp and queue the row, in one synchronous step
-        (validated input whose key, if any, is not a duplicate)."""
+        (validated input whose key, if any, is not a duplicate).
+
+        The sender gets its own waiter, resolved in id order by
+        :meth:`_committed`; the store's future is never awaited by a handler,
+        so a cancelled sender cancels only its waiter, never the commit.
+        """
         if self._closing:
             raise RpcError(Status.UNAVAILABLE, "the chat service is shutting down")
         st = self._state(room)
@@ -436,29 +457,30 @@ class ChatService:
         ts = now if now > st.last_ts else st.last_ts
         st.last_ts = ts
         stored = self.rooms.next_message(room, user, content, ts, key)
-        st.pending[stored.id] = [stored, bus, None]
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        st.pending[stored.id] = [stored, bus, None, None, [waiter]]
         fut = self.store.append_nowait(stored)
         fut.add_done_callback(functools.partial(self._committed, st, stored.id))
         if key:
             # until committed (then the store answers) or failed (then a retry stores it)
             k = (room, user, key)
-            self._keys[k] = (st, stored, fut)
+            self._keys[k] = (st, stored)
             fut.add_done_callback(lambda _f: self._keys.pop(k, None))
-        return st, stored, fut
+        return st, stored, waiter
 
     def _committed(self, st: _RoomState, mid: int, fut: asyncio.Future[None]) -> None:
         """A row's commit resolved: publish every message that is now next in id order."""
-        ok = not fut.cancelled() and fut.exception() is None
         entry = st.pending.get(mid)
         if entry is None:
             return
-        entry[2] = ok
+        entry[2] = RuntimeError("the commit was cancelled") if fut.cancelled() else fut.exception()
+        entry[3] = entry[2] is None
         pending = st.pending
         while True:
             entry = pending.get(st.next_pub)
-            if entry is None or entry[2] is None:
+            if entry is None or entry[3] is None:
                 break
-            stored, bus, ok = entry
+            stored, bus, error, ok, waiters = entry
             del pending[st.next_pub]
             if ok:
                 self._emit(st, bus, stored.room, functools.partial(_message_event, stored))
@@ -466,9 +488,14 @@ class ChatService:
                 st.lost.add(stored.id)
             st.resolved = st.next_pub
             st.next_pub += 1
-            waiter = st.waiters.pop(stored.id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+            for waiter in waiters:
+                if waiter.done():  # that sender was cancelled
+                    continue
+                if ok:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(
+                        RpcError(Status.UNAVAILABLE, f"message was not stored: {error}"))
 
     def _emit(self, st: _RoomState, bus: Bus | None, room: str,
               make: Callable[[int], ChatResponse]) -> int:
@@ -485,24 +512,11 @@ class ChatService:
                 log.exception("publishing event %d of room %r failed", seq, room)
         return seq
 
-    async def _settle(self, st: _RoomState, stored: StoredMessage,
-                      fut: asyncio.Future[None]) -> None:
-        """Wait until ``stored`` is committed and published (raises UNAVAILABLE if not stored)."""
-        try:
-            await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            raise RpcError(Status.UNAVAILABLE, f"message was not stored: {exc}") from None
-        if st.resolved < stored.id:  # an earlier id is still unresolved (not expected)
-            waiter = st.waiters.get(stored.id)
-            if waiter is None:
-                waiter = st.waiters[stored.id] = asyncio.get_running_loop().create_future()
-            await asyncio.shield(waiter)
-
-    async def _finish(self, accepted: _Accepted) -> StoredMessage:
-        """The message of an accepted send once it is committed and published."""
-        await self._settle(*accepted)
+    @staticmethod
+    async def _finish(accepted: _Accepted) -> StoredMessage:
+        """The message of an accepted send once it is committed and published
+        (raises UNAVAILABLE if it was not stored)."""
+        await accepted[2]
         return accepted[1]
 
     # ------------------------------------------------------------ presence
@@ -551,16 +565,15 @@ class ChatService:
         """
         ctx = call.context
         bus = self._bus(ctx)
-        inflight: collections.deque[tuple[int, _RoomState, StoredMessage, asyncio.Future[None]]]
-        inflight = collections.deque()
+        inflight: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
         users: dict[str, None] = {}
         total_chars = 0
         index = 0
 
-        async def settle(item: tuple[int, _RoomState, StoredMessage, asyncio.Future[None]]) -> None:
-            i, st, stored, fut = item
+        async def settle(item: tuple[int, asyncio.Future[None]]) -> None:
+            i, waiter = item
             try:
-                await self._settle(st, stored, fut)
+                await waiter
             except RpcError as exc:
                 raise RpcError(exc.status, f"message {i}: {exc.message}", {"index": i}) from None
 
@@ -585,9 +598,9 @@ class ChatService:
                     raise RpcError(exc.status, f"message {index}: {exc.message}",
                                    {"index": index}) from None
                 if self.owns is None or self.owns(m.room):
-                    st, stored, fut = await self._admit(m.room, user, m.content, bus, key, ctx,
-                                                        paced=True, details={"index": index})
-                    inflight.append((index, st, stored, fut))
+                    accepted = await self._admit(m.room, user, m.content, bus, key, ctx,
+                                                 paced=True, details={"index": index})
+                    inflight.append((index, accepted[2]))
                     if len(inflight) > self.config.max_batch_inflight:
                         await settle(inflight.popleft())
                 else:

@@ -12,8 +12,11 @@ Both backends give the same guarantees and run the same test suite.
 Group commit
 ------------
 All writes go through a single background thread that owns its own
-connection.  :meth:`MessageStore.append` enqueues the row and awaits a future;
-the writer takes everything queued (at most ``max_batch`` rows), stores it in
+connection.  :meth:`MessageStore.append` adds the row to the current event
+loop iteration's batch and awaits a future; once per loop iteration that
+batch is handed to the writer as ONE queue item (one thread wake-up carries
+every row appended in the iteration, not one per row).
+The writer takes everything queued (at most ``max_batch`` rows), stores it in
 ONE transaction together with the per-room ``last_id`` bookkeeping, commits,
 and only then resolves every waiting future (ack after commit).  Rows are
 committed in the order they were enqueued (so appends of one room keep their
@@ -201,8 +204,10 @@ class MessageStore:
         self.committed_rows = 0
         self.largest_batch = 0
         self._closed = False
-        self._queue: queue.SimpleQueue[_Pending | _Stop] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[_Pending] | _Stop] = queue.SimpleQueue()
         self._read_lock = threading.Lock()
+        self._batch: list[_Pending] = []  # appended in this loop iteration (see _hand_off)
+        self._carry: list[_Pending] | None = None  # queued rows that did not fit the last batch
         self._thread: threading.Thread | None = None
         self._key_rooms: set[str] = set()  # rooms given keys since the last prune (writer)
         self._pruned_at = time.monotonic()
@@ -313,17 +318,27 @@ class MessageStore:
                 raise ValueError(f"message text is not valid unicode: {exc}") from None
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        self._queue.put((message, loop, fut))
+        if not self._batch:
+            loop.call_soon(self._hand_off)
+        self._batch.append((message, loop, fut))
         return fut
+
+    def _hand_off(self) -> None:
+        """Once per loop iteration: this iteration's rows go to the writer as one queue item."""
+        batch, self._batch = self._batch, []
+        step = self.config.max_batch
+        for i in range(0, len(batch), step):
+            self._queue.put(batch[i:i + step] if len(batch) > step else batch)
 
     def _writer_main(self, conn: Any) -> None:
         stop = False
         try:
             while not stop:
-                first = self._queue.get()
+                first = self._carry if self._carry is not None else self._queue.get()
+                self._carry = None
                 if isinstance(first, _Stop):
                     break
-                batch: list[_Pending] = [first]
+                batch: list[_Pending] = first
                 while len(batch) < self.config.max_batch:
                     try:
                         item = self._queue.get_nowait()
@@ -332,7 +347,10 @@ class MessageStore:
                     if isinstance(item, _Stop):
                         stop = True
                         break
-                    batch.append(item)
+                    if len(batch) + len(item) > self.config.max_batch:
+                        self._carry = item  # the next transaction starts with it
+                        break
+                    batch += item
                 error: BaseException | None = None
                 try:
                     conn = self._write(conn, [m for m, _, _ in batch])
@@ -371,14 +389,14 @@ class MessageStore:
                 pass
 
     def _fail_leftovers(self) -> None:
-        leftovers: list[_Pending] = []
+        leftovers: list[_Pending] = self._carry or []
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
             if not isinstance(item, _Stop):
-                leftovers.append(item)
+                leftovers += item
         if leftovers:
             self._notify(leftovers, RuntimeError("MessageStore is closed"))
 
@@ -389,6 +407,7 @@ class MessageStore:
         if self._closed:
             return
         self._closed = True
+        self._hand_off()  # rows appended in this loop iteration are committed first
         self._queue.put(_STOP)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
