@@ -1,6 +1,7 @@
 """``python -m bench``: run the benchmarks, re-plot a results file, summarize a profile.
 
     python -m bench run [--quick] [--out DIR] [--only NAME,...] [--name NAME] [--profile]
+                        [--repeat N] [--noise] [--wait-quiet S]
     python -m bench report bench/results/latest.json     # re-plot, print the goal table
     python -m bench profile FILE.txt                      # top functions of a py-spy raw profile
 """
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--profile", action="store_true",
                    help="py-spy record every zrpc server during its measurement (raw stacks + top functions)")
     r.add_argument("--keep-logs", action="store_true", help="keep the temporary work dir with process logs")
+    r.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run every selected scenario N times, interleaved; report medians and ranges")
+    r.add_argument("--noise", action="store_true",
+                   help="also run each scenario under a background load keeping one core ~50%% busy")
     r.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="before each scenario wait up to SECONDS for the machine to be nearly idle")
     rep = sub.add_parser("report", help="re-plot a results file and print its tables")
@@ -42,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
         only = [s.strip() for s in args.only.split(",") if s.strip()] or None
         path = run(args.quick, args.out, only, args.name, profile=args.profile, keep_workdir=args.keep_logs,
-                   wait_quiet_s=args.wait_quiet)
+                   wait_quiet_s=args.wait_quiet, repeat=args.repeat, noise=args.noise)
         from bench.report import markdown
 
         results = json.loads(path.read_text())

@@ -1,7 +1,8 @@
 """Load generators, one per process: ``python -m bench.load '<json spec>'``.
 
 The spec's ``kind`` picks the workload, ``target`` the peer (``zrpc``,
-``grpc``, ``bare``). Every workload is bounded in time (warm-up then a
+``grpc``, ``bare``); grpc.aio clients run on asyncio's default loop unless
+``loop`` is ``uvloop`` (everything else always runs on uvloop). Every workload is bounded in time (warm-up then a
 measured window) and in count (``max_ops``); the process prints one
 ``BENCH-RESULT {json}`` line. CPU seconds of the server process trees
 (``server_pids``, children included) and of the load processes (this one
@@ -787,7 +788,7 @@ def main(argv: list[str] | None = None) -> None:
     kind = spec["kind"]
     if kind == "zmq_hop":
         result = run_zmq_hop(spec)
-    elif spec.get("target") == "grpc":
+    elif spec.get("target") == "grpc" and spec.get("loop", "default") == "default":
         result = asyncio.run(KINDS[kind](spec))  # grpc.aio on its default loop
     else:
         import uvloop

@@ -72,7 +72,7 @@ class ProcSet:
     @contextlib.contextmanager
     def server(self, kind: str, *, app: str | None = None, workers: int = 2,
                extra: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
-        """Start a server (``zrpc``, ``zrpc-broker``, ``grpc``, ``bare``, ``zmq``); stop it on exit."""
+        """Start a server (``zrpc``, ``zrpc-broker``, ``grpc``, ``grpc-uvloop``, ``bare``, ``zmq``); stop it on exit."""
         self._n += 1
         ready = self.workdir / f"ready-{self._n}-{kind}.json"
         if kind == "zrpc-broker":
@@ -82,6 +82,8 @@ class ProcSet:
                     *self.broker_limits(), *extra]
             if app:
                 argv += ["--app", app]
+        elif kind == "grpc-uvloop":
+            argv = [PY, "-m", "bench.servers", "grpc", "--loop", "uvloop", "--ready-file", str(ready)]
         elif kind == "zmq":
             argv = [PY, "-m", "bench.servers", "zmq", "--ready-file", str(ready),
                     "--endpoint", f"ipc://{self.workdir}/zmq-echo-{self._n}.ipc"]

@@ -131,16 +131,24 @@ def case(impl: str, label: str, r: dict[str, Any], **extra: Any) -> dict[str, An
 
 
 def _target(impl: str) -> str:
-    return "zrpc" if impl.startswith("zrpc") else impl
+    return "zrpc" if impl.startswith("zrpc") else "grpc" if impl.startswith("grpc") else impl
+
+
+def _peer(impl: str) -> dict[str, str]:
+    """The load spec's ``target`` and ``loop`` for a server kind (grpc.aio runs on either loop)."""
+    return {"target": _target(impl), "loop": "uvloop" if impl == "grpc-uvloop" else "default"}
+
+
+GRPC = ("grpc", "grpc-uvloop")
 
 
 # ================================================================= scenarios
 def s_unary(ctx: Context) -> list[dict[str, Any]]:
     cases = []
-    for impl in ("zrpc", "zrpc-broker", "grpc", "bare"):
+    for impl in ("zrpc", "zrpc-broker", *GRPC, "bare"):
         with ctx.procs.server(impl, app="tests.apps.echo:app", workers=2) as srv:
             for conc in (1, 64):
-                r = ctx.measure(srv, {"kind": "unary", "target": _target(impl), "concurrency": conc},
+                r = ctx.measure(srv, {"kind": "unary", **_peer(impl), "concurrency": conc},
                                 f"unary {impl} c{conc}", f"unary-{impl}-c{conc}" if impl.startswith("zrpc") else None)
                 cases.append(case(impl, f"c{conc}", r, concurrency=conc))
     return cases
@@ -148,12 +156,12 @@ def s_unary(ctx: Context) -> list[dict[str, Any]]:
 
 def s_server_stream(ctx: Context) -> list[dict[str, Any]]:
     cases = []
-    for impl in ("zrpc", "zrpc-broker", "grpc", "bare"):
+    for impl in ("zrpc", "zrpc-broker", *GRPC, "bare"):
         with ctx.procs.server(impl, app="bench.apps:app", workers=2) as srv:
             for streams in ((1,) if impl == "bare" else (1, 100)):
                 # 100 streams start with a stall of a few seconds (see docs/performance.md): warm up past it
                 warm = max(ctx.mode.warmup, 4.0) if streams > 1 else ctx.mode.warmup
-                r = ctx.measure(srv, {"kind": "stream", "target": _target(impl), "streams": streams,
+                r = ctx.measure(srv, {"kind": "stream", **_peer(impl), "streams": streams,
                                       "warmup": warm},
                                 f"stream {impl} s{streams}",
                                 f"stream-{impl}-s{streams}" if impl.startswith("zrpc") else None)
@@ -189,7 +197,7 @@ def s_pingpong(ctx: Context) -> list[dict[str, Any]]:
     """All four servers up at once, measured in 3 interleaved rounds: latency on a shared
     2-core machine drifts with placement and neighbours, and interleaving spreads that over
     every peer instead of penalising whichever ran during a bad second."""
-    impls = ("zrpc", "zrpc-broker", "grpc", "bare")
+    impls = ("zrpc", "zrpc-broker", *GRPC, "bare")
     rounds = 3 if ctx.mode.quick else 5
     per_round = max(0.5, ctx.mode.duration / rounds)
     with contextlib.ExitStack() as stack:
@@ -199,7 +207,7 @@ def s_pingpong(ctx: Context) -> list[dict[str, Any]]:
         for k in range(rounds):
             for impl in impls:
                 prof = f"pingpong-{impl}" if impl.startswith("zrpc") and k == 0 else None
-                results[impl].append(ctx.measure(srvs[impl], {"kind": "pingpong", "target": _target(impl),
+                results[impl].append(ctx.measure(srvs[impl], {"kind": "pingpong", **_peer(impl),
                                                               "duration": per_round},
                                                  f"pingpong {impl} r{k}", prof))
     return [_merge_rounds(impl, "1 stream", results[impl]) for impl in impls]
@@ -238,7 +246,7 @@ def s_fanout(ctx: Context) -> list[dict[str, Any]]:
     m = ctx.mode
     cases: list[dict[str, Any]] = []
     subs_per_proc, procs_n, conns_per_proc = 500, 2, 5
-    for impl in ("zrpc-broker", "grpc"):
+    for impl in ("zrpc-broker", *GRPC):
         with ctx.procs.server(impl, app="tests.apps.echo:app", workers=2) as srv:
             tag = f"fanout-{impl}-{ctx.procs._n}"
             stop = ctx.workdir / f"{tag}.stop"
@@ -251,14 +259,14 @@ def s_fanout(ctx: Context) -> list[dict[str, Any]]:
                     ready = ctx.workdir / f"{tag}-sub{k}.ready"
                     prog = ctx.workdir / f"{tag}-sub{k}.progress"
                     progress.append(str(prog))
-                    spec = {"kind": "fanout_sub", "target": _target(impl), "address": srv["address"],
+                    spec = {"kind": "fanout_sub", **_peer(impl), "address": srv["address"],
                             "subscribers": subs_per_proc, "connections": conns_per_proc,
                             "ready_file": str(ready), "stop_file": str(stop), "progress_file": str(prog),
                             "max_time": 60 + len(m.fanout_rates) * (m.fanout_step + m.fanout_drain + 1) * 2}
                     p = ctx.procs.start_load(spec, f"fanout-sub-{impl}-{k}")
                     subs.append(p)
                     ctx.procs.wait_ready(p, ready, timeout=90)
-                pub_spec = {"kind": "fanout_pub", "target": _target(impl), "address": srv["address"],
+                pub_spec = {"kind": "fanout_pub", **_peer(impl), "address": srv["address"],
                             "rates": m.fanout_rates, "step_s": m.fanout_step, "drain_s": m.fanout_drain,
                             "batch_hz": 50, "progress_files": progress,
                             "subscribers_total": subs_per_proc * procs_n,
@@ -314,7 +322,7 @@ def s_idle(ctx: Context) -> list[dict[str, Any]]:
         n = max(100, limit - 1000)
     for impl in ("zrpc-broker", "bare"):
         with ctx.procs.server(impl, app="tests.apps.echo:app", workers=2) as srv:
-            spec = {"kind": "idle", "target": _target(impl), "address": srv["address"], "n": n,
+            spec = {"kind": "idle", **_peer(impl), "address": srv["address"], "n": n,
                     "rss_pid": srv["pid"], "server_pids": [srv["pid"]], "parallel": 64,
                     "hold": 1.0 if ctx.mode.quick else 2.0, "max_time": 240}
             r = ctx.procs.load(spec, f"idle-{impl}", 400)
@@ -341,24 +349,30 @@ def _postgres() -> Iterator[str]:
 
 def s_durable_chat(ctx: Context) -> list[dict[str, Any]]:
     """Acked sends through the SQLite store (default), with and without idempotency keys,
-    then the same through PostgreSQL."""
+    Echo/Say through a broker with the same 2 workers (the ceiling goal 7 compares with), then
+    the sends through PostgreSQL."""
     spec = {"kind": "unary", "target": "zrpc", "concurrency": 64, "method": "Chat/SendMessage",
             "rooms": 64}
     cases = []
     with ctx.procs.server("zrpc-broker", app=None, workers=2) as srv:
         r = ctx.measure(srv, spec, "chat zrpc-broker c64", "chat-zrpc-broker-c64")
         cases.append(case("zrpc-broker", "Chat/SendMessage c64, 64 rooms", r, concurrency=64,
-                          store="sqlite"))
+                          store="sqlite", method="Chat/SendMessage"))
         # the same with an idempotency key per message: the cost of the dedupe index
         r = ctx.measure(srv, {**spec, "keyed": True}, "chat zrpc-broker keyed c64",
                         "chat-zrpc-broker-keyed-c64")
         cases.append(case("zrpc-broker", "SendMessage c64, idempotency keys", r, concurrency=64,
-                          store="sqlite", keyed=True))
+                          store="sqlite", keyed=True, method="Chat/SendMessage"))
+    with ctx.procs.server("zrpc-broker", app="tests.apps.echo:app", workers=2) as srv:
+        r = ctx.measure(srv, {"kind": "unary", "target": "zrpc", "concurrency": 64},
+                        "chat-ceiling zrpc-broker c64")
+        cases.append(case("zrpc-broker", "Echo/Say c64, 2 workers (ceiling)", r, concurrency=64,
+                          method="Echo/Say"))
     with _postgres() as url, \
             ctx.procs.server("zrpc-broker", app=None, workers=2, extra=("--store", url)) as srv:
         r = ctx.measure(srv, spec, "chat zrpc-broker pg c64", "chat-zrpc-broker-pg-c64")
         cases.append(case("zrpc-broker-pg", "SendMessage c64, PostgreSQL store", r, concurrency=64,
-                          store="postgresql"))
+                          store="postgresql", method="Chat/SendMessage"))
     return cases
 
 
@@ -435,9 +449,42 @@ def _on_signal(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+def _run_scenario(ctx: Context, s: str, noise: bool, wait_quiet_s: float) -> dict[str, Any]:
+    """One pass of one scenario (optionally with the background load running)."""
+    t0 = time.time()
+    entry: dict[str, Any] = {"title": TITLES[s], "cases": [], "error": None, "noise": noise}
+    if wait_quiet_s > 0:
+        entry["background_cores_before"] = wait_quiet(wait_quiet_s)
+    print(f"[bench] {s}{' (noise)' if noise else ''} ...", flush=True)
+    load = ctx.procs.spawn([PY, "-m", "bench.noise", "--max-time", "1800"], "noise") if noise else None
+    try:
+        entry["cases"] = RUNNERS[s](ctx)
+    except (BenchError, OSError, KeyError, ValueError, RuntimeError) as exc:
+        entry["error"] = f"{type(exc).__name__}: {exc}"
+        entry["traceback"] = traceback.format_exc()[-3000:]
+        print(f"[bench] {s} FAILED: {entry['error'][:2000]}", flush=True)
+    finally:
+        if load is not None:
+            ctx.procs.stop(load)
+    entry["wall_s"] = round(time.time() - t0, 1)
+    for c in entry["cases"]:
+        lat = c.get("latency_ms") or {}
+        print(f"[bench]   {c['impl']:<12} {c['label']:<34} {c['throughput']:>12,.0f} {c['unit']:<14}"
+              f" p50 {lat.get('p50')} p99 {lat.get('p99')} ms"
+              f"  cpu server {c.get('server_cpu_s')} s load {c.get('load_cpu_s')} s"
+              f"  background {c.get('background_cores')} cores", flush=True)
+    return entry
+
+
 def run(quick: bool, out: Path, only: list[str] | None, name: str, profile: bool = False,
-        keep_workdir: bool = False, wait_quiet_s: float = 0.0) -> Path:
+        keep_workdir: bool = False, wait_quiet_s: float = 0.0, repeat: int = 1,
+        noise: bool = False) -> Path:
+    """Run the selected scenarios ``repeat`` times, interleaved (every scenario once per round),
+    each round with a quiet pass and, with ``noise``, a pass under background load right after it.
+    """
     mode = Mode.make(quick)
+    if repeat < 1:
+        raise SystemExit("--repeat must be >= 1")
     if profile:
         spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
         if not Path(spy).exists():
@@ -466,38 +513,39 @@ def run(quick: bool, out: Path, only: list[str] | None, name: str, profile: bool
     results: dict[str, Any] = {
         "name": name, "mode": "quick" if quick else "full",
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "settings": asdict(mode) | {"py_spy": None}, "machine": machine_info(), "scenarios": {},
+        "settings": asdict(mode) | {"py_spy": None, "repeat": repeat, "noise": noise},
+        "machine": machine_info(), "scenarios": {},
     }
     ctx.results = results
+    conditions = ("quiet", "noise") if noise else ("quiet",)
+    # rounds[condition][k] = {scenario: entry}
+    rounds: dict[str, list[dict[str, Any]]] = {c: [] for c in conditions}
     try:
-        for s in selected:
-            t0 = time.time()
-            entry: dict[str, Any] = {"title": TITLES[s], "cases": [], "error": None}
-            if wait_quiet_s > 0:
-                entry["background_cores_before"] = wait_quiet(wait_quiet_s)
-            print(f"[bench] {s} ...", flush=True)
-            try:
-                entry["cases"] = RUNNERS[s](ctx)
-            except (BenchError, OSError, KeyError, ValueError, RuntimeError) as exc:
-                entry["error"] = f"{type(exc).__name__}: {exc}"
-                entry["traceback"] = traceback.format_exc()[-3000:]
-                print(f"[bench] {s} FAILED: {entry['error'][:2000]}", flush=True)
-            entry["wall_s"] = round(time.time() - t0, 1)
-            results["scenarios"][s] = entry
-            for c in entry["cases"]:
-                lat = c.get("latency_ms") or {}
-                print(f"[bench]   {c['impl']:<12} {c['label']:<34} {c['throughput']:>12,.0f} {c['unit']:<14}"
-                      f" p50 {lat.get('p50')} p99 {lat.get('p99')} ms"
-                      f"  cpu server {c.get('server_cpu_s')} s load {c.get('load_cpu_s')} s"
-                      f"  background {c.get('background_cores')} cores", flush=True)
+        for k in range(repeat):
+            if repeat > 1:
+                print(f"[bench] round {k + 1}/{repeat}", flush=True)
+            for c in conditions:
+                rounds[c].append({})
+            for s in selected:
+                for c in conditions:
+                    rounds[c][k][s] = _run_scenario(ctx, s, c == "noise", wait_quiet_s)
     finally:
         procs.stop_all()
         for sig, handler in old.items():
             signal.signal(sig, handler)
         results["wall_s"] = round(time.time() - started, 1)
-        from bench.report import evaluate
+        from bench.report import evaluate_rounds, merge_rounds
 
-        results["goals"] = evaluate(results)
+        results["scenarios"] = merge_rounds(rounds["quiet"])
+        results["goals"] = evaluate_rounds(rounds["quiet"])
+        if noise:
+            from bench.report import compare_noise
+
+            results["noise"] = {"scenarios": merge_rounds(rounds["noise"]),
+                                "goals": evaluate_rounds(rounds["noise"])}
+            compare_noise(results["goals"], results["noise"]["goals"])
+        if repeat > 1 or noise:
+            results["rounds"] = rounds
         path = out / f"{name}.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(results, indent=1))

@@ -3,7 +3,8 @@
 Kinds:
 
 ``zrpc``  the in-process zrpc server (``zrpc.Server`` on uvloop) serving ``Echo/*`` and ``Bench/Stream``.
-``grpc``  the grpc.aio peer (:mod:`bench.grpc_peer`).
+``grpc``  the grpc.aio peer (:mod:`bench.grpc_peer`), on asyncio's default loop, or on uvloop
+          with ``--loop uvloop`` (grpc.aio runs on both; the faster one is the one to beat).
 ``bare``  a bare uvloop TLS server, an ``asyncio.Protocol`` (the floor). The first byte a client
           sends picks the mode: ``E`` echo every byte back; ``S`` + 8-byte count: stream that many
           64-byte records; ``I`` (or nothing) hold the connection.
@@ -173,12 +174,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ready-file", required=True)
     p.add_argument("--endpoint", default="")
     p.add_argument("--max-connections", type=int, default=20_000)
+    p.add_argument("--loop", choices=["default", "uvloop"], default="default", help="grpc only")
     args = p.parse_args(argv)
     raise_nofile()
     if args.kind == "zmq":
         serve_zmq(args)
-    elif args.kind == "grpc":
+    elif args.kind == "grpc" and args.loop == "default":
         asyncio.run(serve_grpc(args))  # grpc.aio on the default loop, as its docs use it
+    elif args.kind == "grpc":
+        import uvloop
+
+        uvloop.run(serve_grpc(args))
     else:
         import uvloop
 
