@@ -513,10 +513,14 @@ class ChatService:
         return seq
 
     @staticmethod
-    async def _finish(accepted: _Accepted) -> StoredMessage:
-        """The message of an accepted send once it is committed and published
+    async def _settle(waiter: asyncio.Future[None]) -> None:
+        """Wait on a sender's waiter: its message is committed and published
         (raises UNAVAILABLE if it was not stored)."""
-        await accepted[2]
+        await waiter
+
+    async def _finish(self, accepted: _Accepted) -> StoredMessage:
+        """The message of an accepted send once it is committed and published."""
+        await self._settle(accepted[2])
         return accepted[1]
 
     # ------------------------------------------------------------ presence
@@ -573,7 +577,7 @@ class ChatService:
         async def settle(item: tuple[int, asyncio.Future[None]]) -> None:
             i, waiter = item
             try:
-                await waiter
+                await self._settle(waiter)
             except RpcError as exc:
                 raise RpcError(exc.status, f"message {i}: {exc.message}", {"index": i}) from None
 
