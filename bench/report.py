@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-COLORS = {"zrpc": "#1f77b4", "zrpc-broker": "#2ca02c", "grpc": "#d62728", "grpc-uvloop": "#ff9896",
+COLORS = {"zrpc": "#1f77b4", "zrpc-broker": "#2ca02c", "zrpc-broker-zmq": "#98df8a", "grpc": "#d62728", "grpc-uvloop": "#ff9896",
           "bare": "#7f7f7f",
           "raw-pyzmq": "#9467bd"}
 SUSTAINED_P99_MS = 50.0

@@ -214,11 +214,14 @@ def s_pingpong(ctx: Context) -> list[dict[str, Any]]:
 
 
 def s_broker_hop(ctx: Context) -> list[dict[str, Any]]:
+    """The broker with its default local link (Unix stream socket), the same over ZeroMQ, raw pyzmq."""
     cases = []
-    with ctx.procs.server("zrpc-broker", app="tests.apps.echo:app", workers=1) as srv:
-        r = ctx.measure(srv, {"kind": "unary", "target": "zrpc", "concurrency": 64},
-                        "hop zrpc-broker c64", "hop-zrpc-broker-c64")
-        cases.append(case("zrpc-broker", "Echo/Say c64, 1 worker", r, concurrency=64))
+    for impl, extra in (("zrpc-broker", ()), ("zrpc-broker-zmq", ("--local-link", "zmq"))):
+        with ctx.procs.server("zrpc-broker", app="tests.apps.echo:app", workers=1, extra=extra) as srv:
+            r = ctx.measure(srv, {"kind": "unary", "target": "zrpc", "concurrency": 64},
+                            f"hop {impl} c64", f"hop-{impl}-c64")
+            cases.append(case(impl, "Echo/Say c64, 1 worker" + (", ZeroMQ link" if extra else ""), r,
+                              concurrency=64))
     with ctx.procs.server("zmq") as srv:
         r = ctx.measure(srv, {"kind": "zmq_hop", "endpoint": srv["endpoint"], "concurrency": 64},
                         "hop raw-zmq c64")

@@ -35,6 +35,7 @@ from cluster.config import DEFAULT_APP, WorkerConfig, mismatch
 from cluster.curve import ClusterKeys, CurveGuard, check_endpoint, is_tcp
 from cluster.link import BrokerEnd
 from cluster.sharding import shard_for
+from cluster.streamlink import LocalBrokerEnd
 from cluster.zmqlink import ZmqBrokerEnd
 from zrpc import defaults
 from zrpc.address import AddressError, parse_listen_address
@@ -89,11 +90,13 @@ class BrokerConfig:
     app_options: dict[str, Any] = field(default_factory=dict)  # passed to the app (chat rate limits)
     store: str = ""                           # history store URL for the workers ("" = data_dir)
     cluster_keys: str | None = None           # CurveZMQ key set for tcp:// links (cluster/curve.py)
+    local_link: str = defaults.LOCAL_LINK     # spawned workers' link: "unix" stream socket or "zmq"
     cluster_insecure: bool = False            # allow plaintext tcp:// off loopback
     log_summary_interval_s: float = 60.0      # the INFO activity line (broker/activity.py); 0: off
 
     def worker_config(self, shard: int, router: str, runtime_dir: str, data_dir: str) -> WorkerConfig:
-        """What a worker this broker spawns for ``shard`` is given (``zrpc-worker --config``)."""
+        """What a worker this broker spawns for ``shard`` is given (``zrpc-worker --config``);
+        ``router`` is the endpoint it links to (``unix://`` for the local stream link)."""
         srv = self.server
         return WorkerConfig(shard=shard, shards=self.shard_count, brokers=(router,),
                             bus=f"ipc://{runtime_dir}/bus-{shard}.ipc", data_dir=data_dir,
@@ -199,6 +202,10 @@ class Broker:
                 with _startup_step("--cluster-keys", cfg.cluster_keys):
                     self.curve = CurveGuard(self.zctx, ClusterKeys.load(cfg.cluster_keys, "broker"))
             self.link = ZmqBrokerEnd(self.zctx, cfg.router or f"ipc://{runtime}/broker.ipc", self.curve)
+            if cfg.local_link not in ("unix", "zmq"):
+                raise StartupError(f"--local-link {cfg.local_link}: choose unix or zmq")
+            if cfg.local_link == "unix" and cfg.workers > 0:
+                self.link = LocalBrokerEnd(self.link, f"{runtime}/link.sock")
         self.router_endpoint = self.link.endpoint
         with _startup_step("--router", self.router_endpoint):
             check_endpoint("--router", self.router_endpoint, self.curve is not None,
@@ -237,13 +244,16 @@ class Broker:
         if cfg.workers > 0:
             data_dir = cfg.data_dir or str(zrpc_home() / "data")
             Path(data_dir).mkdir(parents=True, exist_ok=True)
-            configs = [cfg.worker_config(k, self.router_endpoint, runtime, data_dir)
+            spawned = getattr(self.link, "local_endpoint", None) or self.router_endpoint
+            configs = [cfg.worker_config(k, spawned, runtime, data_dir)
                        for k in range(min(cfg.workers, self.shards))]
             self.supervisor = Supervisor(configs, self._worker_exited, self._give_up)
             await self.supervisor.start()
+        local = getattr(self.link, "local_endpoint", None)
         log.info("broker listening on %s:%d (%s), workers connect to %s, %d shard(s)",
                  self.address[0], self.address[1], "TLS" if ctx else "PLAINTEXT",
-                 self.router_endpoint, self.shards)
+                 f"{self.router_endpoint} (spawned ones to {local})" if local else self.router_endpoint,
+                 self.shards)
         return self.address
 
     async def _start_quic(self, address: str, tls: TlsConfig) -> None:

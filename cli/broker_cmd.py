@@ -88,6 +88,11 @@ def _authenticator(secret: str | None, public_key_file: str | None, audience: st
                    "tcp://0.0.0.0:7000 for workers on other hosts).")
 @click.option("--runtime-dir", type=click.Path(file_okay=False), default=None, envvar="ZRPC_RUNTIME_DIR",
               help="Directory for ipc:// endpoints (default: a fresh temporary directory).")
+@click.option("--local-link", type=click.Choice(["unix", "zmq"]), default=defaults.LOCAL_LINK, show_default=True,
+              envvar="ZRPC_LOCAL_LINK",
+              help="How spawned workers link to the broker: a Unix stream socket in the runtime dir "
+                   "(one wake-up per hop) or ZeroMQ over --router. Workers started on their own "
+                   "(zrpc-worker --broker) always use ZeroMQ.")
 @click.option("--cert", default=None, envvar="ZRPC_CERT", cls=EnvOption,
               deprecated_envvars=("ZRPC_TLS_CERT",), type=click.Path(exists=True, dir_okay=False), help="Server certificate chain (PEM).")
 @click.option("--key", default=None, envvar="ZRPC_KEY", cls=EnvOption,
@@ -159,7 +164,7 @@ def _authenticator(secret: str | None, public_key_file: str | None, audience: st
                    "worker (web, quic: HOST:PORT of --web-port / --quic-listen, when on).")
 def start(listen: str, quic_listen: str | None, workers: int, shards: int | None, data_dir: str | None,
           store: str | None, cluster_keys: str | None, cluster_insecure: bool, router: str | None,
-          runtime_dir: str | None, cert: str | None, key: str | None, ca: str | None,
+          runtime_dir: str | None, local_link: str, cert: str | None, key: str | None, ca: str | None,
           require_client_cert: bool, insecure: bool, heartbeat_ms: int, liveness: int,
           max_connections: int, max_connections_per_ip: int, idle_timeout_ms: int,
           auth_secret: str | None, auth_public_key: str | None, auth_audience: str | None,
@@ -208,7 +213,8 @@ def start(listen: str, quic_listen: str | None, workers: int, shards: int | None
                           log_level=log_level, app=app_ref or DEFAULT_APP, app_options=app_options,
                           store=store or "", cluster_keys=cluster_keys,
                           cluster_insecure=cluster_insecure,
-                          log_summary_interval_s=log_summary_interval)
+                          log_summary_interval_s=log_summary_interval,
+                          local_link=local_link)
 
     async def run() -> str | None:
         broker = Broker(config)

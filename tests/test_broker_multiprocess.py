@@ -20,8 +20,9 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(120)]
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[BrokerProc]:
-    b = start_broker(tmp_path)
+def broker(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[BrokerProc]:
+    link = getattr(request, "param", "unix")  # how the spawned workers link to the broker
+    b = start_broker(tmp_path, "--local-link", link)
     try:
         yield b.wait_ready()
     finally:
@@ -95,6 +96,23 @@ def test_four_patterns_and_routing(broker_both: BrokerProc, tmp_path: Path) -> N
         assert err.value.status is zrpc.Status.UNIMPLEMENTED
         methods = {m["name"] for m in (await c.unary("Reflection/List", {}, dict))["methods"]}
         assert {"Echo/Say", "Echo/Listen", "Health/Check"} <= methods
+        await c.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("broker", ["unix", "zmq"], indirect=True)
+def test_spawned_workers_use_the_chosen_local_link(broker: BrokerProc, tmp_path: Path) -> None:
+    link = "unix://" if "--local-link unix" in " ".join(broker.argv) else "ipc://"
+    assert broker.output().count(f"brokers {link}") == 2, broker.output()  # both workers' start lines
+    keys = keys_by_shard()
+
+    async def main() -> None:
+        c = await connect(broker, tmp_path)
+        pids = {shard: (await c.unary("Echo/Say", {"key": k}, dict))["pid"] for shard, k in keys.items()}
+        assert set(pids.values()) == set(children(broker.pid))
+        down = await c.server_stream("Echo/Count", {"key": keys[1], "n": 2000}, dict)
+        assert [m["i"] async for m in down] == list(range(2000))
         await c.close()
 
     run(main())

@@ -44,6 +44,7 @@ from cluster.config import WorkerConfig
 from cluster.curve import ClusterKeys, CurveGuard
 from cluster.link import EventPublisher, WorkerEnd
 from cluster.sharding import shard_for
+from cluster.streamlink import UnixWorkerEnd
 from cluster.wire import trust_principal
 from cluster.zmqlink import ZmqPublisher, ZmqWorkerEnd
 from zrpc.client import Client, ClientSession
@@ -216,8 +217,10 @@ class Worker:
     """One shard worker process (see module docstring).
 
     ``links(endpoint)`` and ``bus`` replace the ZeroMQ link ends (tests use
-    in-memory ones); by default each broker gets a :class:`ZmqWorkerEnd` and the
-    bus is a :class:`ZmqPublisher` bound at ``config.bus``.
+    in-memory ones); by default each broker gets a :class:`ZmqWorkerEnd` (a
+    :class:`~cluster.streamlink.UnixWorkerEnd` for a ``unix://`` endpoint: the
+    local link of the broker that spawned it) and the bus is a
+    :class:`ZmqPublisher` bound at ``config.bus``.
     """
 
     def __init__(self, config: WorkerConfig, app_factory: Callable[[Worker], App], *,
@@ -236,6 +239,8 @@ class Worker:
                 bus = self._publisher = ZmqPublisher(ctx, config.bus, curve)
             if links is None:
                 def links(endpoint: str) -> WorkerEnd:
+                    if endpoint.startswith("unix://"):  # the local link of a broker on this host
+                        return UnixWorkerEnd(endpoint)
                     return ZmqWorkerEnd(ctx, endpoint, curve)
         self.bus: EventPublisher = bus
         make_end = links

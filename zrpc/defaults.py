@@ -41,4 +41,5 @@ LISTEN: Final = "127.0.0.1:8443"
 WORKERS: Final = 2
 HEARTBEAT_MS: Final = 1000
 LIVENESS: Final = 3
+LOCAL_LINK: Final = "unix"                   # spawned workers' link to their broker ("unix" or "zmq")
 LOG_LEVEL: Final = "INFO"
