@@ -563,7 +563,9 @@ async def run_fanout_sub(spec: dict[str, Any]) -> dict[str, Any]:
 
     tasks = [asyncio.create_task(subscriber(k)) for k in range(subs)]
     await asyncio.wait_for(all_attached.wait(), 60)
-    ready_file.write_text(json.dumps({"pid": os.getpid(), "subscribers": subs}))
+    tmp_ready = ready_file.with_suffix(".tmp")  # whole or absent: the orchestrator reads it at once
+    tmp_ready.write_text(json.dumps({"pid": os.getpid(), "subscribers": subs}))
+    os.replace(tmp_ready, ready_file)
     deadline = time.monotonic() + max_time
     while not stop_file.exists() and time.monotonic() < deadline:
         await asyncio.sleep(0.25)

@@ -5,11 +5,11 @@ For workers on the broker's host. The same messages as over ZeroMQ (see
 
     message = u32 part count, then per part: u32 length, bytes   (big-endian)
 
-Written straight from the event loop thread: :meth:`StreamLink.send` appends
-to a buffer and the first send of a loop iteration schedules one write for
-all of them (one ``send`` syscall per peer per iteration, and one wake-up of
-the peer instead of ZeroMQ's three: sender -> its I/O thread -> the peer's
-I/O thread -> the peer). Reading parses every complete message of a read in
+Written straight from the event loop thread: the first message of a loop
+iteration is written at once, the later ones of that iteration are coalesced
+into one more write (so at most two ``send`` syscalls per peer per
+iteration, and one wake-up of the peer instead of ZeroMQ's three: sender ->
+its I/O thread -> the peer's I/O thread -> the peer). Reading parses every complete message of a read in
 one callback. A message larger than ``max_message`` closes the link (the
 sender is broken); heartbeats then notice, as with a ZeroMQ peer that went
 away. :class:`UnixWorkerEnd` and :class:`LocalBrokerEnd` are the two ends as
@@ -58,6 +58,7 @@ class StreamLink(asyncio.Protocol):
         self._buf = bytearray()
         self._out: list[bytes] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._in_iteration = False  # a message was written in this loop iteration
         self.messages_sent = 0
         self.writes = 0
 
@@ -126,16 +127,30 @@ class StreamLink(asyncio.Protocol):
 
     # -- sending ------------------------------------------------------------
     def send(self, parts: list[bytes]) -> None:
-        """Queue one message; everything queued in this loop iteration goes out in one write."""
+        """Send one message: the first of a loop iteration is written at once (no added
+        latency), later ones of the same iteration are coalesced into one write after it."""
         if self.closed:
             return
-        if not self._out and self._loop is not None:  # not yet connected: connection_made flushes
-            self._loop.call_soon(self._flush)
-        self._out.append(_U32.pack(len(parts)))
-        for p in parts:
-            self._out.append(_U32.pack(len(p)))
-            self._out.append(p)
+        data = encode_message(parts) if len(parts) != 3 else b"".join(
+            (_U32.pack(3), _U32.pack(len(parts[0])), parts[0], _U32.pack(len(parts[1])), parts[1],
+             _U32.pack(len(parts[2])), parts[2]))
         self.messages_sent += 1
+        loop = self._loop
+        if loop is None or self.transport is None:  # not connected yet: connection_made flushes
+            self._out.append(data)
+            return
+        if self._in_iteration:
+            if not self._out:
+                loop.call_soon(self._flush)
+            self._out.append(data)
+            return
+        self._in_iteration = True
+        loop.call_soon(self._end_iteration)
+        self.transport.write(data)
+        self.writes += 1
+
+    def _end_iteration(self) -> None:
+        self._in_iteration = False
 
     def _flush(self) -> None:
         out, self._out = self._out, []
