@@ -35,7 +35,7 @@ from zrpc.protocol.events import (
     WindowUpdated,
 )
 from zrpc.session import SessionBase, StreamIO, trace_events
-from zrpc.status import ConnectionReset, RpcError, Status, Timeout, error_for
+from zrpc.status import ConnectionReset, RpcError, Status, Timeout, call_status, error_for
 from zrpc.tls import ALPN_PROTOCOL, TlsConfig
 
 __all__ = [
@@ -69,7 +69,7 @@ class ClientCall:
     def finish(self, code: int, message: str = "", details: Any = None) -> None:
         if self._status.done():
             return
-        err = error_for(code, message, details) if code else RpcError(Status.OK, message, details)
+        err = call_status(code, message, details)
         self._status.set_result(err)
         self.io.fail(err)
         if self._timer is not None:

@@ -33,7 +33,7 @@ from zrpc.protocol.events import (
 )
 from zrpc.service import Cardinality, Method, MethodSpec, Service
 from zrpc.session import SessionBase, StreamIO, trace_events
-from zrpc.status import RpcError, Status, StreamClosed
+from zrpc.status import RpcError, Status, StreamClosed, call_status
 
 __all__ = ["AttachHook", "Dispatcher", "ServerCall", "ServerSession"]
 
@@ -157,7 +157,7 @@ class ServerCall:
             except StreamClosed:
                 pass
             self.session.schedule_flush()
-        self.io.fail(RpcError(code, message, details))
+        self.io.fail(call_status(code, message, details))
         self._closed.set()
 
     def peer_reset(self, code: int, message: str) -> None:

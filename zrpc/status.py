@@ -9,7 +9,7 @@ subclasses so ``except zrpc.Timeout`` reads like the tutorial.
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Any, Final
 
 __all__ = [
     "ConnectionReset",
@@ -18,6 +18,7 @@ __all__ = [
     "Status",
     "StreamClosed",
     "Timeout",
+    "call_status",
     "error_for",
 ]
 
@@ -112,3 +113,15 @@ def error_for(status: int, message: str = "", details: Any = None) -> RpcError:
     if code is Status.UNAVAILABLE:
         return ConnectionReset(message or "unavailable", details)
     return RpcError(code, message, details)
+
+
+#: The status of a call that ended OK with no message or details: one shared object (never raised).
+_OK: Final = RpcError(Status.OK)
+
+
+def call_status(status: int, message: str = "", details: Any = None) -> RpcError:
+    """How a call ended, as the :class:`RpcError` its stream keeps: the one shared OK object for
+    a plain OK (no allocation per call), else :func:`error_for`'s exception."""
+    if not status:
+        return _OK if not message and details is None else RpcError(Status.OK, message, details)
+    return error_for(status, message, details)
