@@ -130,9 +130,6 @@ class Broker:
         self.fanout = FanOut(on_gap=self._gap, on_empty=self.unsubscribe)
         self.metrics = BrokerMetrics(Activity(log, self.config.log_summary_interval_s))
         self.trimmer = Trimmer()  # gives closed connections' native memory back (zrpc/memory.py)
-        self._bus_events = self.metrics.bus_events.inc
-        self._from_workers = self.metrics.frames_from_workers.inc
-        self._to_workers = self.metrics.frames_to_workers.inc
         self.sessions: dict[bytes, EdgeSession] = {}
         self.per_ip = IpCounter(self.config.server.max_connections_per_ip)
         self.internal: dict[bytes, EdgeSession] = {}
@@ -280,7 +277,7 @@ class Broker:
     def _send(self, identity: bytes, frames: list[bytes]) -> None:
         assert self.link is not None
         self.link.send(identity, frames)
-        self._to_workers()
+        self.metrics.frames_to_workers += 1
 
     def send_frames(self, identity: bytes, cid: bytes, data: bytes) -> None:
         self._send(identity, [wire.FRAMES, cid, data])
@@ -290,7 +287,7 @@ class Broker:
 
     def _on_worker(self, identity: bytes, msg: list[bytes]) -> None:
         """One message from a worker; a malformed one is logged and dropped."""
-        self._from_workers()
+        self.metrics.frames_from_workers += 1
         try:
             self._dispatch(identity, msg)
         except Exception as exc:  # a worker bug must never take the broker's loop down
@@ -419,7 +416,7 @@ class Broker:
         return s
 
     def _on_event(self, topic: str, seq: int, payload: bytes) -> None:
-        self._bus_events()
+        self.metrics.bus_events += 1
         self.fanout.publish(topic, seq, payload)
 
     def subscribe(self, topic: str) -> None:

@@ -298,11 +298,10 @@ class EdgeSession(SessionBase):
                  close_transport: Callable[[], Any], *, peer: str | None,
                  internal_worker: bytes | None = None) -> None:
         cfg = broker.server_config
-        counted = broker.metrics.bytes_out.inc
-        self._bytes_in = broker.metrics.bytes_in.inc
+        metrics = broker.metrics
 
         def write_counted(data: bytes) -> None:
-            counted(len(data))
+            metrics.bytes_out += len(data)
             write(data)
 
         super().__init__(Connection(Role.SERVER, cfg.settings()), write_counted, close_transport,
@@ -323,7 +322,7 @@ class EdgeSession(SessionBase):
 
     # ------------------------------------------------------------- client
     def data_received(self, data: bytes) -> None:
-        self._bytes_in(len(data))
+        self.broker.metrics.bytes_in += len(data)
         events = self.conn.receive_data(data, self.loop.time())
         if self.debug:
             trace_events(events)

@@ -1,8 +1,10 @@
 """Prometheus metrics of the broker (served with ``--metrics-port``).
 
-Counters are updated per call and per read/write batch, never per fan-out
-delivery (those are summed by the fan-out and read on scrape, exported as
-counters by :class:`_FanOutCollector`). Every metric is listed in
+Per-call counters are Prometheus objects; the per-read/write and per-message
+ones (bytes, worker messages, bus events) are plain ints on
+:class:`BrokerMetrics`, added to on the hot path without a lock and exported
+as counters on scrape by :class:`_CountsCollector`, like the fan-out's sums
+(:class:`_FanOutCollector`). Every metric is listed in
 docs/operations.md. Each finished call also goes to the INFO activity log
 (:mod:`broker.activity`).
 """
@@ -41,6 +43,23 @@ class _FanOutCollector(Collector):
                                   value=fan.repairs)
 
 
+class _CountsCollector(Collector):
+    """The broker's plain-int counters, read on scrape."""
+
+    def __init__(self, m: BrokerMetrics) -> None:
+        self.m = m
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        m = self.m
+        yield CounterMetricFamily("zrpc_bytes_received", "Bytes received from clients", value=m.bytes_in)
+        yield CounterMetricFamily("zrpc_bytes_sent", "Bytes sent to clients", value=m.bytes_out)
+        yield CounterMetricFamily("zrpc_worker_messages_sent", "Messages sent to workers",
+                                  value=m.frames_to_workers)
+        yield CounterMetricFamily("zrpc_worker_messages_received", "Messages from workers",
+                                  value=m.frames_from_workers)
+        yield CounterMetricFamily("zrpc_bus_events", "Events received from the bus", value=m.bus_events)
+
+
 class BrokerMetrics:
     """The broker's Prometheus registry (see docs/operations.md for every metric)."""
 
@@ -51,11 +70,13 @@ class BrokerMetrics:
         self.connections = Gauge("zrpc_connections", "Open client connections", registry=r)
         self.calls = Counter("zrpc_calls_total", "Calls finished, by method and status",
                              ["method", "status"], registry=r)
-        self.bytes_in = Counter("zrpc_bytes_received_total", "Bytes received from clients", registry=r)
-        self.bytes_out = Counter("zrpc_bytes_sent_total", "Bytes sent to clients", registry=r)
-        self.frames_to_workers = Counter("zrpc_worker_messages_sent_total", "ZeroMQ messages sent to workers", registry=r)
-        self.frames_from_workers = Counter("zrpc_worker_messages_received_total", "ZeroMQ messages from workers", registry=r)
-        self.bus_events = Counter("zrpc_bus_events_total", "Events received from the bus", registry=r)
+        # plain ints (the hot path adds to them), exported on scrape
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.frames_to_workers = 0
+        self.frames_from_workers = 0
+        self.bus_events = 0
+        r.register(_CountsCollector(self))
         self.workers_live = Gauge("zrpc_workers_live", "Workers registered and alive", registry=r)
         self.worker_deaths = Counter("zrpc_worker_deaths_total", "Workers lost (exit or heartbeat expiry)", registry=r)
         self.latency = Histogram("zrpc_call_seconds", "Call latency from OPEN to STATUS", ["method"], registry=r)
