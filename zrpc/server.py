@@ -1,4 +1,4 @@
-"""The in-process server: TLS listener, sessions, local fan-out, shutdown.
+"""The in-process server: TLS (and QUIC) listeners, sessions, local fan-out, shutdown.
 
 Serves the same services a shard worker serves, with no broker: for
 development, tests, and single-process deployments::
@@ -6,6 +6,7 @@ development, tests, and single-process deployments::
     server = zrpc.Server(zrpc.ServerConfig())
     server.add_service(my_service)
     server.bind("127.0.0.1:8443", zrpc.TlsConfig.development())
+    server.bind_quic("127.0.0.1:8443", zrpc.TlsConfig.development())  # optional: UDP, quic://
     await server.serve()
 
 Built in: ``Health/Check`` (answers ``{"status": "SERVING"}``) and
