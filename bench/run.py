@@ -390,6 +390,10 @@ QUIC_CASES: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
+#: --quick keeps scenario 8 short: one case of each kind.
+QUICK_QUIC_CASES = ("unary c64", "1 stream", "ping-pong", "connection set-up")
+
+
 def s_quic(ctx: Context) -> list[dict[str, Any]]:
     """Each case over TLS/TCP, then over QUIC, against one server process with both listeners:
     the two transports of a case run back to back, so their ratio is fair even on a busy machine."""
@@ -399,6 +403,8 @@ def s_quic(ctx: Context) -> list[dict[str, Any]]:
             raise BenchError("this zrpc version has no QUIC listener (Server.bind_quic)")
         addresses = {"tls": srv["address"], "quic": srv["quic"]}
         for label, spec in QUIC_CASES:
+            if ctx.mode.quick and label not in QUICK_QUIC_CASES:
+                continue
             spec = dict(spec)
             transports = spec.pop("transports", ("tls", "quic"))
             if spec.get("streams", 1) > 1 and not ctx.mode.quick:  # as in scenario 2: warm up past
