@@ -64,3 +64,19 @@ def test_configs_and_options_share_the_defaults() -> None:
         assert opts["stream_window"].default == defaults.STREAM_WINDOW
         assert opts["max_buffered_messages"].default == defaults.MAX_BUFFERED_MESSAGES
         assert opts["heartbeat_ms"].default == defaults.HEARTBEAT_MS
+
+
+def test_js_client_defaults_match_the_python_ones() -> None:
+    import re
+
+    js = (Path(__file__).resolve().parent.parent / "zrpc" / "web" / "zrpc.js").read_text()
+    block = js[js.index("export const DEFAULT_SETTINGS"):]
+    block = block[:block.index("});")]
+    found = {k: eval(v, {}) for k, v in re.findall(r"(\w+): ([0-9 *]+),", block)}
+    assert found == {
+        "max_message_size": defaults.MAX_MESSAGE_SIZE,
+        "max_concurrent_streams": defaults.MAX_CONCURRENT_STREAMS,
+        "initial_stream_window": defaults.STREAM_WINDOW,
+        "initial_connection_window": defaults.CONNECTION_WINDOW,
+        "max_metadata_size": defaults.MAX_METADATA_SIZE,
+    }

@@ -7,7 +7,7 @@
 // marked unknown meanwhile); messages are deduplicated by id. A token that expires or is refused
 // after the session was live keeps the page as it is and asks for a new one.
 
-import { Client, Status, ZrpcError, webSocketTransport } from "/zrpc.js";
+import { Client, Status, ZrpcError, backoffDelay, webSocketTransport } from "/zrpc.js";
 
 const MAX_SHOWN = 1000; // messages and notices kept on the page
 const BACKOFF_MIN_MS = 250;
@@ -243,7 +243,7 @@ async function run(s) {
     if (client) client.close();
     if (!s.running) break;
     usersUnknown();
-    const delay = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** s.attempt) * (0.75 + Math.random() / 2);
+    const delay = backoffDelay(s.attempt + 1, { initial: BACKOFF_MIN_MS, maximum: BACKOFF_MAX_MS, jitter: 0.25 });
     s.attempt = Math.min(s.attempt + 1, 10);
     await countdown(s, delay);
   }

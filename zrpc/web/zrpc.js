@@ -50,7 +50,20 @@ export function statusName(code) {
   return STATUS_NAMES[statusCode(code)];
 }
 
-/** Settings a client announces in HELLO (section 3.1), with the reference defaults. */
+/**
+ * Exponential backoff, the policy of Python's `zrpc.backoff.Backoff`: the n-th consecutive
+ * failed attempt (n >= 1) waits min(maximum, initial * multiplier^(n-1)) ms, spread by
+ * +/- `jitter` (a fraction).
+ */
+export function backoffDelay(attempt, { initial = 50, maximum = 5000, multiplier = 2, jitter = 0.2 } = {}) {
+  const base = Math.min(maximum, initial * multiplier ** Math.max(0, attempt - 1));
+  return Math.max(0, base * (1 + (Math.random() * 2 - 1) * jitter));
+}
+
+/**
+ * Settings a client announces in HELLO (section 3.1), with the reference defaults (the same
+ * numbers as `zrpc/defaults.py`; tests/test_options_doc.py checks that they agree).
+ */
 export const DEFAULT_SETTINGS = Object.freeze({
   max_message_size: 4 * 1024 * 1024,
   max_concurrent_streams: 1024,

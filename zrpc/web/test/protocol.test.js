@@ -7,7 +7,7 @@ import { decode, encode } from "../vendor/msgpack.mjs";
 
 import {
   CONTROL_FRAME_LIMIT, Connection, Flag, FlowControlBlocked, FrameDecoder, FrameType, HEADER_SIZE,
-  ProtocolError, Status, ZrpcError, encodeFrame, statusName,
+  ProtocolError, Status, ZrpcError, backoffDelay, encodeFrame, statusName,
 } from "../zrpc.js";
 import { SERVER_DEFAULTS, concat, docExample, hex } from "./fake-server.js";
 
@@ -310,4 +310,15 @@ test("status names", () => {
   assert.equal(e.message, "NOT_FOUND: no such room");
   assert.deepEqual(e.details, { room: "x" });
   assert.equal(new ZrpcError(42, "?").status, "UNKNOWN");
+});
+
+test("backoffDelay doubles from initial to maximum within the jitter", () => {
+  const opts = { initial: 250, maximum: 8000, jitter: 0.25 };
+  for (const [attempt, base] of [[1, 250], [2, 500], [3, 1000], [6, 8000], [20, 8000]]) {
+    for (let i = 0; i < 50; i++) {
+      const d = backoffDelay(attempt, opts);
+      assert.ok(d >= base * 0.75 && d <= base * 1.25, `attempt ${attempt}: ${d}`);
+    }
+  }
+  assert.equal(backoffDelay(3, { initial: 100, jitter: 0 }), 400);
 });
