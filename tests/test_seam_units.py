@@ -296,3 +296,67 @@ def test_a_refused_worker_learns_whether_to_give_up(tmp_path: Path) -> None:
 def test_hello_frame_check_used_for_gone() -> None:
     hello = encode_frame(FrameType.HELLO, 0, 0, msgpack.packb({"version": 1}))
     assert hello[4:5] == bytes([FrameType.HELLO])
+
+
+# ------------------------------------------------------------------ supervisor
+
+
+def _config(tmp: Path) -> WorkerConfig:
+    return WorkerConfig(shard=0, shards=1, brokers=("memory://b",), bus="memory://bus", data_dir=str(tmp))
+
+
+def test_supervisor_gives_up_after_identical_start_up_failures(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    import broker.supervisor as sup
+
+    script = "import sys; print('zrpc-worker: cannot start: no such app', file=sys.stderr); sys.exit(2)"
+    monkeypatch.setattr(sup, "worker_argv", lambda cfg: [sys.executable, "-c", script])
+
+    async def main() -> None:
+        exits: list[int] = []
+        gave_up: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        s = sup.Supervisor([_config(tmp_path)], lambda shard, pid, code: exits.append(code),
+                           lambda reason: gave_up.set_result(reason))
+        t0 = asyncio.get_running_loop().time()
+        await s.start()
+        reason = await asyncio.wait_for(gave_up, 30)
+        elapsed = asyncio.get_running_loop().time() - t0
+        await s.stop()
+        assert exits == [2] * sup.GIVE_UP_AFTER
+        assert reason == ("worker for shard 0 failed 5 times at start-up (exit status 2): "
+                          "zrpc-worker: cannot start: no such app")
+        # backoff 0.1 + 0.2 + 0.4 + 0.8 s between the five attempts
+        assert elapsed >= 1.5, elapsed
+    run(main())
+
+
+def test_supervisor_kills_a_hung_worker_and_restarts_it(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    import broker.supervisor as sup
+
+    script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    monkeypatch.setattr(sup, "worker_argv", lambda cfg: [sys.executable, "-c", script])
+
+    async def main() -> None:
+        exits: list[tuple[int, int]] = []
+        s = sup.Supervisor([_config(tmp_path)], lambda shard, pid, code: exits.append((pid, code)))
+        await s.start()
+        try:
+            await eventually(lambda: s.pids().get(0), 10, "the worker to start")
+            first = s.pids()[0]
+            s.worker_registered(first)
+            await asyncio.sleep(0.2)  # let it install its SIGTERM handler (it ignores SIGTERM)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            await s.kill_hung(first)
+            took = loop.time() - t0
+            assert sup.KILL_GRACE_S <= took < sup.KILL_GRACE_S + 3, took
+            await eventually(lambda: exits and exits[0] == (first, -9), 5, "SIGKILL")
+            await eventually(lambda: s.pids().get(0) not in (None, first), 10, "a replacement")
+        finally:
+            await s.stop(timeout=1)
+    run(main())
