@@ -56,8 +56,7 @@ if TYPE_CHECKING:
     from zrpc.config import ServerConfig
     from zrpc.dispatch import Authenticator
     from zrpc.fanout import FanOut
-    from zrpc.outbox import Final, Outbox, buffer_full
-from zrpc.limits import IpCounter
+    from zrpc.limits import IpCounter
 
 __all__ = ["SHARD_KEY_HEADER", "EdgeHost", "EdgeProtocol", "EdgeSession", "Relay", "Upstream"]
 
