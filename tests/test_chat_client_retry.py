@@ -79,7 +79,8 @@ def test_send_gives_up_at_the_deadline_and_does_not_retry_refusals(tmp_path: pat
             c = await client_of(chat, retry=Backoff(initial=0.02, maximum=0.02, jitter=0))
             with pytest.raises(zrpc.RpcError) as err:
                 await c.send(ROOM, "ada", "x", timeout=0.3)
-            assert err.value.status is Status.UNAVAILABLE
+            # the last attempt's error, or the deadline cutting an attempt in flight
+            assert err.value.status in (Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED)
             assert 3 <= c.retries <= 15  # bounded by the deadline
             assert chat.service.store.committed_rows == 1
             before = c.retries
