@@ -2,8 +2,9 @@
 
 As root with iproute2, each worker host is a network namespace joined to the
 test's own namespace (the broker and PostgreSQL "host") by a veth pair:
-worker host ``i`` is ``10.213.i.2``, and reaches the broker host at
-``10.213.i.1``. :meth:`Hosts.partition` takes the pair's link down (nothing
+worker host ``i`` is ``10.N.i.2``, and reaches the broker host at
+``10.N.i.1``, with ``N`` a second octet no address or route on the machine
+uses yet (so concurrent runs, and the machine's own networks, do not clash). :meth:`Hosts.partition` takes the pair's link down (nothing
 passes either way, TCP connections stay open) and :meth:`Hosts.heal` brings it
 back. Everything created is removed by :meth:`Hosts.close`, even after a
 failure. Without root (or ``ip``), worker host ``i`` is ``127.0.0.(i+1)`` on
@@ -35,6 +36,7 @@ class Hosts:
         self.why_not = ""
         self._tag = f"{os.getpid() % 46656:03x}"  # short: interface names have 15 characters
         self._made: list[tuple[str, str]] = []  # (namespace, root-side link)
+        self._net = 0  # the second octet of this run's 10.N.i.0/24 links
         if os.geteuid() != 0 or shutil.which("ip") is None:
             self.why_not = "network namespaces need root and iproute2"
             return
@@ -42,6 +44,7 @@ class Hosts:
             self.why_not = "ZRPC_TEST_LOOPBACK_HOSTS=1"
             return
         try:
+            self._net = self._free_octet()
             for i in range(1, count + 1):
                 self._make(i)
             self.netns = True
@@ -49,20 +52,31 @@ class Hosts:
             self.why_not = f"cannot create network namespaces: {exc}"
             self.close()
 
+    def _free_octet(self) -> int:
+        """A second octet N such that nothing on the machine uses 10.N.0.0/16 yet."""
+        used = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True, timeout=10).stdout
+        used += subprocess.run(["ip", "route"], capture_output=True, text=True, timeout=10).stdout
+        start = os.getpid() % 150
+        for k in range(150):
+            n = 100 + (start + k) % 150
+            if f" 10.{n}." not in used and f"\n10.{n}." not in "\n" + used:
+                return n
+        raise OSError("no free 10.N.0.0/16 for the test's network namespaces")
+
     def _make(self, i: int) -> None:
         ns, a, b = f"zq{self._tag}w{i}", f"zq{self._tag}{i}a", f"zq{self._tag}{i}b"
         _ip("netns", "add", ns)
         self._made.append((ns, a))
         _ip("link", "add", a, "type", "veth", "peer", "name", b, "netns", ns)
-        _ip("addr", "add", f"10.213.{i}.1/24", "dev", a)
+        _ip("addr", "add", f"10.{self._net}.{i}.1/24", "dev", a)
         _ip("link", "set", a, "up")
-        _ip("-n", ns, "addr", "add", f"10.213.{i}.2/24", "dev", b)
+        _ip("-n", ns, "addr", "add", f"10.{self._net}.{i}.2/24", "dev", b)
         _ip("-n", ns, "link", "set", b, "up")
         _ip("-n", ns, "link", "set", "lo", "up")
 
     def broker_side(self, i: int) -> str:
         """The broker host's address as worker host ``i`` reaches it."""
-        return f"10.213.{i}.1" if self.netns else "127.0.0.1"
+        return f"10.{self._net}.{i}.1" if self.netns else "127.0.0.1"
 
     def broker_addresses(self) -> tuple[str, ...]:
         """Every address of the broker host that worker hosts use."""
@@ -70,7 +84,7 @@ class Hosts:
 
     def address(self, i: int) -> str:
         """Worker host ``i``'s own address."""
-        return f"10.213.{i}.2" if self.netns else f"127.0.0.{i + 1}"
+        return f"10.{self._net}.{i}.2" if self.netns else f"127.0.0.{i + 1}"
 
     def prefix(self, i: int) -> list[str]:
         """argv prefix running a command on worker host ``i``."""

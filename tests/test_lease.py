@@ -4,6 +4,8 @@ registry's rule that a higher lease token supersedes the registered worker."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 
 import psycopg
 import pytest
@@ -78,3 +80,25 @@ def test_keep_reports_a_takeover_and_release_hands_over_at_once(pg_server: Postg
         await b.release()
 
     asyncio.run(main())
+
+
+def test_a_standby_outlives_an_unreachable_database(caplog: pytest.LogCaptureFixture) -> None:
+    """No database yet (connection refused): the standby keeps trying and stops cleanly."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once the socket is closed
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        standby = lease(f"postgresql://postgres@127.0.0.1:{port}/postgres")
+        waiting = asyncio.ensure_future(standby.acquire(stop))
+        while not any("database unreachable" in r.getMessage() for r in caplog.records):
+            assert not waiting.done(), waiting
+            await asyncio.sleep(0.02)  # polling the log for the standby's first attempt
+        stop.set()
+        assert await asyncio.wait_for(waiting, 10) is None
+        await standby.close()
+
+    with caplog.at_level(logging.WARNING, logger="zrpc.lease"):
+        asyncio.run(main())
+    assert not any("standing by" in r.getMessage() for r in caplog.records)

@@ -78,6 +78,11 @@ class LeaseConfig:
             raise ValueError("lease: poll_ms must be > 0")
 
 
+def _ensure_schema(url: str) -> None:
+    with psycopg.connect(url, autocommit=True, **CONNECT_OPTIONS) as conn:
+        ensure_schema(conn)
+
+
 class ShardLease:
     """One worker's view of its shard's lease (see the module docstring)."""
 
@@ -108,23 +113,25 @@ class ShardLease:
     async def acquire(self, stop: asyncio.Event) -> int | None:
         """Wait as a standby until this worker holds the lease; its token (None if stopped)."""
         c = self.config
-        with psycopg.connect(c.url, autocommit=True, **CONNECT_OPTIONS) as conn:
-            ensure_schema(conn)
-        waiting_logged = False
+        waiting_logged = schema = False
         loop = asyncio.get_running_loop()
         while not stop.is_set():
             sent = loop.time()
             try:
-                rows = await self._execute(_ACQUIRE)
-            except psycopg.OperationalError as exc:
-                log.warning("lease of shard %d: database unreachable (%s)", c.shard, exc)
-                rows = []
+                if not schema:
+                    await asyncio.to_thread(_ensure_schema, c.url)
+                    schema = True
+                rows: list[Any] | None = await self._execute(_ACQUIRE)
+            except psycopg.OperationalError as exc:  # keep trying: the database may come back
+                log.warning("lease of shard %d: database unreachable (%s)", c.shard,
+                            str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
+                rows = None
             if rows:
                 self.token = int(rows[0][0])
                 self._sent = sent
                 log.info("holding the lease of shard %d (fencing token %d)", c.shard, self.token)
                 return self.token
-            if not waiting_logged:
+            if rows is not None and not waiting_logged:
                 log.info("shard %d is served by another worker: standing by", c.shard)
                 waiting_logged = True
             try:

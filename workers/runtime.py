@@ -343,7 +343,14 @@ async def serve(config: WorkerConfig, app_factory: Callable[[Worker], App],
     token = await lease.acquire(stop)
     if token is None:
         return None
-    worker = Worker(config, app_factory, fence=(config.shard, token))
+    import psycopg
+
+    try:
+        worker = Worker(config, app_factory, fence=(config.shard, token))
+    except psycopg.OperationalError as exc:  # the database went away again: let a standby try
+        await lease.release()
+        raise LeaseLost(f"shard {config.shard}: the store could not be opened ({exc}); "
+                        "gave the lease back") from None
     keeper = asyncio.create_task(lease.keep(stop))
     keeper.add_done_callback(lambda _: stop.set())  # a lost lease stops the worker
     try:
