@@ -384,6 +384,27 @@ def test_wrong_alpn_fails_the_handshake() -> None:
     uvloop.run(main())
 
 
+def test_client_config_transport_picks_the_adapter_for_addresses_without_a_scheme() -> None:
+    async def main() -> None:
+        from zrpc.quic import QuicPipe
+
+        async with quic_server() as (_, port):
+            client = zrpc.Client(zrpc.ClientConfig(transport="quic"))
+            await client.connect(f"127.0.0.1:{port}", zrpc.TlsConfig.development())
+            try:
+                assert isinstance(client._transport, QuicPipe)
+                assert await client.unary("Echo/Say", {"t": 1}, timeout=10) == {"t": 1}
+            finally:
+                await client.close()
+            # an explicit scheme wins: zrpc:// is TLS over TCP, which this UDP port does not serve
+            tcp = zrpc.Client(zrpc.ClientConfig(transport="quic", connect_timeout_ms=3000))
+            with pytest.raises(zrpc.RpcError):
+                await tcp.connect(f"zrpc://127.0.0.1:{port}", zrpc.TlsConfig.development())
+        with pytest.raises(ValueError, match="transport"):
+            zrpc.ClientConfig(transport="udp")  # type: ignore[arg-type]
+    uvloop.run(main())
+
+
 def test_the_quic_pipe_is_a_zrpc_transport() -> None:
     async def main() -> None:
         from zrpc.quic import QuicPipe

@@ -356,13 +356,16 @@ class Client:
 
         ``address`` is any form :func:`zrpc.address.parse_address` accepts
         (``localhost:8443``, ``:8443``, ``[::1]:8443``, ``zrpc://host:port``);
-        ``quic://host:port`` selects the QUIC transport (UDP), every other form
-        TLS over TCP. A malformed address raises :class:`~zrpc.address.AddressError` (a
+        ``quic://host:port`` selects the QUIC transport (UDP), ``zrpc://`` TLS over
+        TCP, and an address without a scheme the config's ``transport`` (default
+        ``"tls"``). A malformed address raises :class:`~zrpc.address.AddressError` (a
         ``ValueError``). ``tls`` defaults to :meth:`TlsConfig.client` (the
         system trust store plus the development CA if one exists; nothing is
         written).
         """
         addr = address if isinstance(address, Address) else parse_address(address)
+        if self.config.transport == "quic" and isinstance(address, str) and "://" not in address:
+            addr = Address("quic", addr.host, addr.port)  # no scheme: the configured transport
         tls = tls if tls is not None else TlsConfig.client()
         timeout = self.config.connect_timeout_ms / 1000
         where = addr.hostport

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from zrpc import defaults
 from zrpc.protocol.connection import Settings
@@ -95,6 +95,13 @@ class ClientConfig:
     token: str | None = None                   # bearer token sent in HELLO
     user_agent: str = "zrpc-python"
     stream_config: StreamConfig = field(default_factory=StreamConfig)
+    #: The transport adapter for addresses without a scheme: "tls" (TLS over TCP) or "quic".
+    #: An address's own ``zrpc://`` or ``quic://`` always wins.
+    transport: Literal["tls", "quic"] = "tls"
+
+    def __post_init__(self) -> None:
+        if self.transport not in ("tls", "quic"):
+            raise ValueError(f"ClientConfig.transport must be 'tls' or 'quic', got {self.transport!r}")
 
     def settings(self) -> Settings:
         return Settings(
