@@ -122,7 +122,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     # The intruder knows the brokers' public key (it is public), not an authorized secret.
     shutil.copy(base / "keys" / "broker.key", base / "wrong-keys" / "broker.key")
     hosts = Hosts(3)
-    pg = PostgresServer(bindir, also_listen=hosts.broker_addresses())
+    pg = PostgresServer(bindir, also_listen=hosts.db_addresses())
     try:
         pg.start()
         yield Net(hosts, pg, base / "keys", base / "wrong-keys")
@@ -159,7 +159,8 @@ class OneShard:
                 "--bus", f"tcp://{me}:{free_port()}", *security,
                 "--heartbeat-ms", str(HEARTBEAT_MS), "--liveness", str(LIVENESS),
                 "--chat-rate-per-s", "0"]
-        args += (["--store", f"postgresql://postgres@{broker}:{self.net.pg.port}/{self.db}"]
+        db = hosts.db_side(i)
+        args += (["--store", f"postgresql://postgres@{db}:{self.net.pg.port}/{self.db}"]
                  if store else ["--data-dir", str(self.home / f"data-{i}")])
         argv = [*hosts.prefix(i), str(BIN / "zrpc-worker"), *args]
         p = Proc(argv, env_for(self.home), self.home / f"{name or f'w{i}'}.log").start()
@@ -289,6 +290,31 @@ def test_partitioned_active_worker_cannot_write_after_it_heals(one_shard: OneSha
     assert c.workers[old].wait(30) == 75, c.workers[old].output()
     assert "lost the lease of shard 0" in c.workers[old].output()
     assert stored_ids(c.url, "lobby") == ids_before
+
+
+def test_active_worker_cut_off_from_the_brokers_only_hands_the_shard_over(
+        one_shard: OneShard) -> None:
+    """The active worker still reaches PostgreSQL (it keeps renewing its lease) but no
+    broker: after two lease lifetimes without a broker it gives the lease back and exits 75,
+    and the standby, which the brokers can reach, serves the shard."""
+    c, hosts = one_shard, one_shard.net.hosts
+    if not hosts.netns:
+        why = f"a partial partition needs network namespaces ({hosts.why_not})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    cut: list[int] = []
+
+    def cut_brokers(i: int) -> None:
+        hosts.partition(i, database=False)
+        cut.append(i)
+
+    run_load_through_failover(c, cut_brokers)
+    (old,) = cut
+    assert c.workers[old].wait(30) == 75, c.workers[old].output()
+    assert "no broker reachable" in c.workers[old].output()
+    holder = lease_holder(c.url)
+    assert holder is not None and c.host_of(holder[0]) != old
 
 
 def test_a_worker_with_unknown_keys_is_refused(one_shard: OneShard) -> None:

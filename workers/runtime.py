@@ -25,7 +25,9 @@ With a shared store (PostgreSQL) :func:`serve` first waits as a standby until
 this process holds the shard's lease (:mod:`workers.lease`); only then does it
 build the app and register with the brokers, announcing its fencing token in
 READY (a broker lets a higher token supersede the registered worker). A
-worker that loses its lease stops and exits (:class:`LeaseLost`).
+worker that loses its lease, or that no broker has answered for two lease
+lifetimes (cut off from the brokers but not from the database), stops, gives
+the lease back if it still can, and exits (:class:`LeaseLost`).
 """
 
 from __future__ import annotations
@@ -353,14 +355,40 @@ async def serve(config: WorkerConfig, app_factory: Callable[[Worker], App],
                         "gave the lease back") from None
     keeper = asyncio.create_task(lease.keep(stop))
     keeper.add_done_callback(lambda _: stop.set())  # a lost lease stops the worker
+    alone = 2 * hb * config.liveness / 1000
+    watcher = asyncio.create_task(_watch_brokers(worker, stop, alone))
     try:
         await worker.run(stop)
     finally:
         kept = await keeper
+        cut_off = await watcher
         if kept:
             await lease.release()  # after the last write: a standby takes over at once
         else:
             await lease.close()
     if not kept:
         raise LeaseLost(f"lost the lease of shard {config.shard} (fencing token {token})")
+    if cut_off:
+        raise LeaseLost(f"no broker reachable for {alone:g} s: gave shard {config.shard} "
+                        "to a standby")
     return worker.fatal
+
+
+async def _watch_brokers(worker: Worker, stop: asyncio.Event, limit_s: float) -> bool:
+    """Stop the worker (True) once no broker link has been registered for ``limit_s``:
+    a lease holder that no broker can reach leaves the shard to a standby that can."""
+    loop = asyncio.get_running_loop()
+    last_ok = loop.time()
+    while not stop.is_set():
+        if any(link.registered.is_set() for link in worker.links):
+            last_ok = loop.time()
+        elif loop.time() - last_ok > limit_s:
+            log.error("no broker has answered for %.1f s: giving shard %d to a standby",
+                      limit_s, worker.config.shard)
+            stop.set()
+            return True
+        try:
+            await asyncio.wait_for(stop.wait(), limit_s / 8)
+        except TimeoutError:
+            pass
+    return False
