@@ -34,6 +34,7 @@ from cluster.wire import trust_principal
 from zrpc.codec import decompress
 from zrpc.limits import ConnectionTimers, admit_connection, peer_name
 from zrpc.outbox import Final, Outbox, buffer_full
+from zrpc.packing import packb
 from zrpc.protocol.connection import Connection, Role, Settings
 from zrpc.protocol.events import (
     ConnectionTerminated,
@@ -408,7 +409,7 @@ class EdgeSession(SessionBase):
             request = msgpack.unpackb(decompress(payload, LOCAL_REQUEST_LIMIT)
                                       if compressed else payload)
             assert relay.local is not None
-            reply = msgpack.packb(relay.local(request))
+            reply = packb(relay.local(request))
         except Exception as exc:
             relay.fail(Status.INVALID_ARGUMENT, f"bad request: {exc}", cancel_upstream=False)
             return

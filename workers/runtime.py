@@ -52,6 +52,7 @@ from cluster.zmqlink import ZmqPublisher, ZmqWorkerEnd
 from zrpc.client import Client, ClientSession
 from zrpc.config import ClientConfig
 from zrpc.dispatch import Dispatcher, ServerCall, ServerSession
+from zrpc.packing import packb
 from zrpc.protocol.frames import HEADER_SIZE, FrameType
 from zrpc.service import Service
 from zrpc.status import RpcError, Status
@@ -276,7 +277,7 @@ class Worker:
             raise RpcError(Status.INTERNAL, "stream is not attached to a broker")
         link, cid = route
         call.session.flush()  # what the handler sent so far must reach the broker before the attach
-        link.send([wire.ATTACH, cid, msgpack.packb([call.sid, topic, after_seq])])
+        link.send([wire.ATTACH, cid, packb([call.sid, topic, after_seq])])
 
     async def client(self) -> Client:
         """A client through the first registered broker."""

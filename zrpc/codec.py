@@ -23,6 +23,8 @@ from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 import msgpack
 
+from zrpc.packing import packer_with
+
 __all__ = [
     "DecodeError",
     "compress",
@@ -35,7 +37,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-_packb = msgpack.packb
 _unpackb = msgpack.unpackb
 
 
@@ -205,6 +206,9 @@ def _pack_default(v: Any) -> Any:
     raise TypeError(f"cannot encode {type(v).__name__} as MessagePack")
 
 
+_pack = packer_with(_pack_default)  # a reused packer per thread (see zrpc.packing)
+
+
 def encode(obj: Any) -> bytes:
     """Encode a message to MessagePack bytes.
 
@@ -213,10 +217,10 @@ def encode(obj: Any) -> bytes:
     """
     cls = type(obj)
     if cls is dict:
-        return _packb(obj, default=_pack_default)
+        return _pack(obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _packb(encoder_for(cls)(obj), default=_pack_default)
-    return _packb(obj, default=_pack_default)
+        return _pack(encoder_for(cls)(obj))
+    return _pack(obj)
 
 
 def decode(cls: type[T] | None, data: bytes) -> T:

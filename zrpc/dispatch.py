@@ -15,12 +15,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
-
 from zrpc.codec import DecodeError, compress, decode, encode
 from zrpc.config import ServerConfig
 from zrpc.context import RequestContext
 from zrpc.fanout import Bus
+from zrpc.packing import packb
 from zrpc.protocol.connection import Connection, Role
 from zrpc.protocol.events import (
     ConnectionTerminated,
@@ -147,7 +146,7 @@ class ServerCall:
         if self.sid in conn.streams:
             if details is not None:
                 try:  # un-encodable details must not lose the STATUS (the client would hang)
-                    msgpack.packb(details)
+                    packb(details)
                 except (TypeError, ValueError, OverflowError):
                     log.warning("%s: dropping status details that MessagePack cannot encode: %r",
                                 self.context.method, details)

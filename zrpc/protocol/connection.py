@@ -20,6 +20,7 @@ from typing import Any
 import msgpack
 
 from zrpc import defaults
+from zrpc.packing import packb
 from zrpc.protocol.events import (
     ConnectionTerminated,
     Event,
@@ -422,7 +423,7 @@ class Connection:
             self._early_pongs.clear()
 
     def _queue_control(self, ftype: int, sid: int, body: Any) -> None:
-        payload = msgpack.packb(body)
+        payload = packb(body)
         self._out += _pack_header(len(payload), ftype, 0, sid)
         self._out += payload
 
@@ -447,7 +448,7 @@ class Connection:
         if sid > MAX_STREAM_ID:  # the peer would treat the id as a connection error
             raise RpcError(Status.UNAVAILABLE, "stream ids exhausted on this connection; open a new one")
         self._next_id += 2
-        payload = msgpack.packb([method, timeout_ms, metadata or {}])
+        payload = packb([method, timeout_ms, metadata or {}])
         if len(payload) > CONTROL_FRAME_LIMIT:
             self._next_id -= 2
             raise RpcError(Status.INVALID_ARGUMENT, f"method and metadata take {len(payload)} bytes; "
