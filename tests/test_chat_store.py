@@ -661,3 +661,20 @@ def test_a_database_without_the_key_column_is_upgraded(tmp_path: Path) -> None:
         assert store.find_key("a", "u", "k") == (2, 0)
 
     run_with_store(StoreConfig(path), body)
+
+
+def test_last_timestamp_after_a_restart(backend: Backend) -> None:
+    async def first(store: MessageStore) -> None:
+        for i in range(1, 6):
+            await store.append(msg("a", i, ts=1000 + i))
+
+    run_with_store(StoreConfig(backend.url), first)
+
+    async def second(store: MessageStore) -> None:
+        last_ids = store.last_ids()  # as the service does when it starts
+        assert store.last_timestamp("a", last_ids["a"]) == 1005
+        assert store.last_timestamp("never", 0) == 0
+        await store.append(msg("a", 6, ts=2000))  # written since: still exact
+        assert store.last_timestamp("a", 6) == 2000
+
+    run_with_store(StoreConfig(backend.url), second)

@@ -300,8 +300,7 @@ class ChatService:
             last_ts = 0
             if room.last_id:
                 # Once per room and process: timestamps continue from the last stored one.
-                last = self.store.read(name, after_id=room.last_id - 1, limit=1)
-                last_ts = last[0].timestamp if last else 0
+                last_ts = self.store.last_timestamp(name, room.last_id)
             st = self._states[name] = _RoomState(room, last_ts)
         return st
 

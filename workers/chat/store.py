@@ -263,6 +263,12 @@ class MessageStore:
         """Room -> highest message id ever committed (retention does not lower it)."""
         raise NotImplementedError
 
+    def last_timestamp(self, room: str, last_id: int) -> int:
+        """The timestamp new messages of ``room`` must not go below (that of its message
+        ``last_id``, 0 when gone); cheap enough for the event loop once per room."""
+        last = self.read(room, after_id=last_id - 1, limit=1)
+        return last[0].timestamp if last else 0
+
     def read(
         self,
         room: str,

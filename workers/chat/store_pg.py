@@ -59,7 +59,9 @@ _SCHEMA_LOCK: Final = 0x7A727063  # pg_advisory_xact_lock key serialising CREATE
 _SCHEMA: Final = (
     """CREATE TABLE IF NOT EXISTS zrpc_rooms (
         name    BYTEA  PRIMARY KEY,
-        last_id BIGINT NOT NULL)""",
+        last_id BIGINT NOT NULL,
+        last_ts BIGINT NOT NULL DEFAULT 0)""",
+    "ALTER TABLE zrpc_rooms ADD COLUMN IF NOT EXISTS last_ts BIGINT NOT NULL DEFAULT 0",
     """CREATE TABLE IF NOT EXISTS zrpc_messages (
         room      BYTEA  NOT NULL,
         id        BIGINT NOT NULL,
@@ -94,9 +96,10 @@ WITH ins AS (
 keys AS (
     INSERT INTO zrpc_idempotency_keys (room, user_name, key, id, ts)
     SELECT room, user_name, idem_key, id, ts FROM ins WHERE idem_key IS NOT NULL)
-INSERT INTO zrpc_rooms (name, last_id)
-SELECT room, max(id) FROM ins GROUP BY room
-ON CONFLICT (name) DO UPDATE SET last_id = GREATEST(zrpc_rooms.last_id, excluded.last_id)
+INSERT INTO zrpc_rooms (name, last_id, last_ts)
+SELECT room, max(id), max(ts) FROM ins GROUP BY room
+ON CONFLICT (name) DO UPDATE SET last_id = GREATEST(zrpc_rooms.last_id, excluded.last_id),
+                                 last_ts = GREATEST(zrpc_rooms.last_ts, excluded.last_ts)
 RETURNING name"""
 # Keys of ``room`` older than the cutoff and not among its newest N (index room, id).
 _PRUNE_KEYS: Final = (
@@ -141,6 +144,7 @@ class PostgresStore(MessageStore):
         except BaseException:
             self._reader.close()
             raise
+        self._last_ts: dict[str, int] = {}  # room -> newest stored timestamp (last_ids())
         fence = "" if config.fence is None else _FENCE
         self._sql = _WRITE.format(fence=fence)
 
@@ -184,6 +188,10 @@ class PostgresStore(MessageStore):
                 shard, token = self.config.fence or (-1, -1)
                 raise FencedError(f"shard {shard}: lease token {token} is no longer held; "
                                   "another worker took this shard over")
+            last_ts = self._last_ts
+            for m in batch:  # keep last_timestamp() exact for rooms written since last_ids()
+                if m.timestamp > last_ts.get(m.room, 0):
+                    last_ts[m.room] = m.timestamp
             return conn
 
     @staticmethod
@@ -243,8 +251,17 @@ class PostgresStore(MessageStore):
 
     def last_ids(self) -> dict[str, int]:
         rows = self._on_reader(
-            lambda c: c.execute("SELECT name, last_id FROM zrpc_rooms").fetchall())
-        return {bytes(name).decode("utf-8"): last_id for name, last_id in rows}
+            lambda c: c.execute("SELECT name, last_id, last_ts FROM zrpc_rooms").fetchall())
+        for name, _, last_ts in rows:
+            room = bytes(name).decode("utf-8")
+            if last_ts > self._last_ts.get(room, 0):
+                self._last_ts[room] = last_ts
+        return {bytes(name).decode("utf-8"): last_id for name, last_id, _ in rows}
+
+    def last_timestamp(self, room: str, last_id: int) -> int:
+        # From the snapshot last_ids() took (no round trip on the event loop); rooms created
+        # after it have no earlier history in this store.
+        return self._last_ts.get(room, 0)
 
     def _read(self, room: str, after_id: int, after_timestamp: int | None,
               limit: int) -> list[StoredMessage]:
