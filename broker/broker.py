@@ -44,6 +44,7 @@ from zrpc.dispatch import Authenticator
 from zrpc.fanout import FanOut
 from zrpc.limits import IpCounter
 from zrpc.memory import Trimmer, tune_allocator
+from zrpc.outbox import Ledger
 from zrpc.status import Status
 from zrpc.tls import TlsConfig, zrpc_home
 
@@ -132,6 +133,8 @@ class Broker:
         self.trimmer = Trimmer()  # gives closed connections' native memory back (zrpc/memory.py)
         self.sessions: dict[bytes, EdgeSession] = {}
         self.per_ip = IpCounter(self.config.server.max_connections_per_ip)
+        #: bytes waiting for all clients, bounded by ``max_buffer_memory`` (zrpc/limits.py)
+        self.buffers = Ledger(self.config.server.max_buffer_memory)
         self.internal: dict[bytes, EdgeSession] = {}
         self.local_methods: dict[str, Any] = {
             "Health/Check": self._health,

@@ -21,6 +21,7 @@ key must be read.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import math
@@ -32,12 +33,13 @@ import msgpack
 from cluster.sharding import shard_for
 from cluster.wire import trust_principal
 from zrpc.codec import decompress
-from zrpc.limits import ConnectionTimers, admit_connection, peer_name
-from zrpc.outbox import Final, Outbox, buffer_full
+from zrpc.limits import ConnectionTimers, WritePauses, admit_connection, apply_budget, peer_name
+from zrpc.outbox import Final, Ledger, Outbox, buffer_full, buffer_over
 from zrpc.packing import packb
 from zrpc.protocol.connection import Connection, Role, Settings
 from zrpc.protocol.events import (
     ConnectionTerminated,
+    Event,
     GoAwayReceived,
     HelloReceived,
     MessageReceived,
@@ -63,6 +65,20 @@ __all__ = ["SHARD_KEY_HEADER", "EdgeHost", "EdgeProtocol", "EdgeSession", "Relay
 
 log = logging.getLogger("zrpc.broker.edge")
 SHARD_KEY_HEADER = "zrpc-shard-key"
+
+
+#: Events of one read handled per loop iteration (per-connection fairness, EdgeSession._handle).
+SLICE = 128
+
+
+class _NoReading:
+    """Stands in for a transport that cannot pause reading (a worker's internal session)."""
+
+    def pause_reading(self) -> None:
+        return None
+
+    def resume_reading(self) -> None:
+        return None
 
 
 #: Largest request (after inflating) the broker's own methods (Health/Check...) accept.
@@ -100,6 +116,7 @@ class EdgeHost(Protocol):
     sessions: dict[bytes, EdgeSession]        # every live session by connection id
     internal: dict[bytes, EdgeSession]        # the workers' own client sessions, by worker
     per_ip: IpCounter
+    buffers: Ledger                           # bytes waiting for all clients (max_buffer_memory)
     stopping: bool
 
     def next_cid(self) -> bytes: ...
@@ -142,7 +159,7 @@ class Relay:
         self.up_sid = 0
         self.inbound: Outbox | None = None  # to the worker, once the stream is open there
         self.outbox = Outbox(edge.conn, sid, on_ack=self._ack_upstream, on_final=self._status_sent,
-                             on_error=self._cannot_deliver)
+                             on_error=self._cannot_deliver, ledger=edge.ledger)
         self.topics: list[str] = []
         self.client_ended = False
         self.done = False
@@ -216,9 +233,11 @@ class Relay:
 
     # ---------------------------------------------------- worker -> client
     def to_client(self, payload: bytes, compressed: bool, ack: int) -> None:
+        edge = self.edge
         if not self.outbox.put(payload, compressed, False, ack):
-            self.edge.block(self)
-        self.edge.schedule_flush()
+            edge.block(self)
+            edge.within_budget()
+        edge.schedule_flush()
 
     def _ack_upstream(self, n: int) -> None:
         """Bytes written to the client: the worker may send as many again."""
@@ -281,11 +300,15 @@ class Relay:
     def deliver(self, payload: bytes) -> bool:
         if self.done:
             return False
-        if len(self.outbox) >= self.edge.max_outbox:
-            self.fail(Status.RESOURCE_EXHAUSTED, buffer_full(self.edge.max_outbox))
+        edge = self.edge
+        if len(self.outbox) >= edge.max_outbox:
+            self.fail(Status.RESOURCE_EXHAUSTED, buffer_full(edge.max_outbox))
+            return False
+        if self.outbox.bytes + len(payload) > edge.max_outbox_bytes:
+            self.fail(Status.RESOURCE_EXHAUSTED, buffer_over(edge.max_outbox_bytes))
             return False
         self.to_client(payload, False, 0)
-        return True
+        return not self.done
 
     def abort(self, code: Status, message: str) -> None:
         self.fail(code, message)
@@ -314,6 +337,9 @@ class EdgeSession(SessionBase):
         self.upstreams: dict[bytes, Upstream] = {}
         self._dirty: set[Upstream] = set()
         self.max_outbox = cfg.stream_config.max_buffered_messages
+        self.max_outbox_bytes = cfg.stream_config.max_buffered_bytes
+        self._backlog: collections.deque[Event] | None = None  # events of a read not handled yet
+        self.reading: Any = _NoReading()  # the transport (pause_reading/resume_reading)
         self.hello_received = False
         self.ip: str | None = None  # counted in the broker's per-IP limit while set
         self.up_settings = Settings(max_message_size=cfg.max_message_size,
@@ -326,6 +352,23 @@ class EdgeSession(SessionBase):
         events = self.conn.receive_data(data, self.loop.time())
         if self.debug:
             trace_events(events)
+        if self._backlog is not None:  # still working through an earlier read (reading is paused)
+            self._backlog.extend(events)
+            return
+        self._handle(events)
+
+    def _handle(self, events: list[Event]) -> None:
+        """Act on a read's events, at most :data:`SLICE` per loop iteration.
+
+        A read can carry thousands of frames (one client opening 1,000 streams
+        at once); the rest waits for the next iteration, with the socket's
+        reading paused, so that the other connections' work runs in between.
+        """
+        if len(events) > SLICE:
+            self._backlog = collections.deque(events[SLICE:])
+            events = events[:SLICE]
+            self.reading.pause_reading()
+            self.loop.call_soon(self._next_slice)
         relays = self.relays
         for ev in events:
             match ev:
@@ -352,6 +395,13 @@ class EdgeSession(SessionBase):
                     self.terminate(ev.code, ev.message)
                     return
         self.flush()
+
+    def _next_slice(self) -> None:
+        backlog, self._backlog = self._backlog, None
+        if backlog and not self.closed:
+            self._handle(list(backlog))
+        if self._backlog is None and not self.closed:
+            self.reading.resume_reading()
 
     def _hello(self, settings: dict[str, Any]) -> bool:
         auth = trust_principal if self.internal_worker is not None else self.broker.authenticator
@@ -539,7 +589,7 @@ class EdgeSession(SessionBase):
         self.broker.session_closed(self)
 
 
-class EdgeProtocol(asyncio.Protocol):
+class EdgeProtocol(WritePauses, asyncio.Protocol):
     """asyncio glue of one client connection: admission, handshake and idle timers, linger."""
 
     def __init__(self, broker: EdgeHost, *, websocket: bool = False) -> None:
@@ -562,6 +612,10 @@ class EdgeProtocol(asyncio.Protocol):
         peer = peer_name(transport)
         s = EdgeSession(broker, broker.next_cid(), transport.write, self._close_transport, peer=peer)
         s.ip = ip  # released by Broker.session_closed
+        apply_budget(s, transport, cfg.max_connection_buffer, broker.buffers,
+                     lambda: broker.sessions.values())
+        if hasattr(transport, "pause_reading"):
+            s.reading = transport
         ssl_obj = transport.get_extra_info("ssl_object")
         if ssl_obj is not None:
             s.identity = peer_identity(ssl_obj)

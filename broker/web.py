@@ -82,12 +82,14 @@ class _WsTransport:
     ``write`` is synchronous (as for a socket): data queues here and a writer
     task sends it, everything queued so far in one binary message. The queue
     is bounded the same way a socket's write buffer is: by the flow-control
-    windows the client announced.
+    windows the client announced, and by the connection's buffer budget
+    (``get_write_buffer_size`` counts the queue).
     """
 
     def __init__(self, ws: ServerConnection) -> None:
         self.ws = ws
         self._out: collections.deque[bytes] = collections.deque()
+        self._queued = 0
         self._wake = asyncio.Event()
         self._closing = False
         self.close_code = 1000
@@ -97,7 +99,11 @@ class _WsTransport:
     def write(self, data: bytes) -> None:
         if not self._closing and data:
             self._out.append(data)
+            self._queued += len(data)
             self._wake.set()
+
+    def get_write_buffer_size(self) -> int:
+        return self._queued
 
     def close(self) -> None:
         self._closing = True
@@ -109,6 +115,7 @@ class _WsTransport:
     def abort(self) -> None:
         self._closing = True
         self._out.clear()
+        self._queued = 0
         self._writer.cancel()
         transport = self.ws.transport
         if transport is not None:
@@ -127,6 +134,7 @@ class _WsTransport:
                     data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
                     self._out.clear()
                     await ws.send(data)
+                    self._queued -= len(data)
                 if self._closing:
                     await ws.close(self.close_code, self.close_reason)
                     return

@@ -138,6 +138,18 @@ def _authenticator(secret: str | None, public_key_file: str | None, audience: st
 @click.option("--max-buffered-messages", type=int, default=defaults.MAX_BUFFERED_MESSAGES, show_default=True,
               envvar="ZRPC_MAX_BUFFERED_MESSAGES",
               help="Broadcast events queued per stream for a slow client before it gets RESOURCE_EXHAUSTED.")
+@click.option("--max-buffered-bytes", type=click.IntRange(min=1), default=defaults.MAX_BUFFERED_BYTES,
+              show_default=True, envvar="ZRPC_MAX_BUFFERED_BYTES",
+              help="Bytes of broadcast events queued per stream for a slow client before it gets "
+                   "RESOURCE_EXHAUSTED.")
+@click.option("--max-connection-buffer", type=click.IntRange(min=1), default=defaults.MAX_CONNECTION_BUFFER,
+              show_default=True, envvar="ZRPC_MAX_CONNECTION_BUFFER",
+              help="Bytes that may wait for one client (queued messages and the socket's buffer); "
+                   "past it the connection gets GOAWAY RESOURCE_EXHAUSTED.")
+@click.option("--max-buffer-memory", type=click.IntRange(min=1), default=defaults.MAX_BUFFER_MEMORY,
+              show_default=True, envvar="ZRPC_MAX_BUFFER_MEMORY",
+              help="Bytes that may wait for all clients together; past it the connection with the "
+                   "most waiting gets GOAWAY RESOURCE_EXHAUSTED.")
 @click.option("--stream-window", type=int, default=defaults.STREAM_WINDOW, show_default=True, envvar="ZRPC_STREAM_WINDOW",
               help="Per-stream flow-control window in bytes.")
 @click.option("--grace", type=float, default=defaults.SHUTDOWN_GRACE_MS / 1000, show_default=True, envvar="ZRPC_GRACE",
@@ -171,6 +183,7 @@ def start(listen: str, quic_listen: str | None, workers: int, shards: int | None
           auth_issuer: str | None, auth_leeway: float, auth_require_exp: bool,
           chat_rate_per_s: float | None,
           chat_rate_burst: int | None, max_message_size: int, max_buffered_messages: int,
+          max_buffered_bytes: int, max_connection_buffer: int, max_buffer_memory: int,
           stream_window: int, grace: float, metrics_port: int | None,
           app_ref: str | None, log_level: str, log_summary_interval: float, debug_frames: bool,
           web_port: int | None,
@@ -191,7 +204,8 @@ def start(listen: str, quic_listen: str | None, workers: int, shards: int | None
     tls = tls_from_options(cert, key, ca, insecure, require_client_cert)
     check_store_url(store, shards=shards or workers)
     try:
-        streams = StreamConfig(buffer_size=stream_window, max_buffered_messages=max_buffered_messages)
+        streams = StreamConfig(buffer_size=stream_window, max_buffered_messages=max_buffered_messages,
+                               max_buffered_bytes=max_buffered_bytes)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     authenticator = _authenticator(auth_secret, auth_public_key, auth_audience, auth_issuer,
@@ -205,7 +219,8 @@ def start(listen: str, quic_listen: str | None, workers: int, shards: int | None
                      max_connections_per_ip=max_connections_per_ip,
                      idle_timeout_ms=idle_timeout_ms or None, authenticator=authenticator,
                      shutdown_grace_ms=int(grace * 1000), enable_debug_logging=debug_frames,
-                     stream_config=streams)
+                     stream_config=streams, max_connection_buffer=max_connection_buffer,
+                     max_buffer_memory=max_buffer_memory)
     config = BrokerConfig(listen=listen, quic_listen=quic_listen, tls=tls, workers=workers, shards=shards,
                           data_dir=data_dir, runtime_dir=runtime_dir, router=router, heartbeat_ms=heartbeat_ms,
                           liveness=liveness, server=server, metrics_port=metrics_port,

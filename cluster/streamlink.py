@@ -139,7 +139,7 @@ class StreamLink(asyncio.Protocol):
         if loop is None or self.transport is None:  # not connected yet: connection_made flushes
             self._out.append(data)
             return
-        if self._in_iteration:
+        if self._in_iteration or self._out:  # never ahead of what is already queued (order)
             if not self._out:
                 loop.call_soon(self._flush)
             self._out.append(data)

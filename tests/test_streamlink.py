@@ -96,3 +96,29 @@ def test_no_messages_are_delivered_after_a_close_inside_a_handler() -> None:
     link = StreamLink(handle)
     link.data_received(encode_message([b"1"]) + encode_message([b"2"]))
     assert got == [[b"1"]]
+
+
+def test_a_send_between_iterations_never_overtakes_queued_messages() -> None:
+    """The first send of an iteration is written at once, the rest coalesced by a later
+    callback; a send from a callback that runs after the iteration ended but before that
+    flush must queue behind them (it used to be written first: frames reordered)."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        link = StreamLink(lambda parts: None)
+        t = FakeTransport()
+        link.connection_made(t)  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        done = loop.create_future()
+        link.send([b"1"])            # written now; ends the iteration with call_soon
+        # a callback that runs after the iteration's end but before the flush of "2" (as the
+        # broker's next slice of a read does) sends too
+        loop.call_soon(lambda: (link.send([b"3"]), done.set_result(None)))
+        link.send([b"2"])            # queued: flushed by a call_soon after the one above
+        await done
+        await asyncio.sleep(0)
+        got: list[list[bytes]] = []
+        reader = StreamLink(got.append)
+        reader.data_received(b"".join(t.written))
+        assert got == [[b"1"], [b"2"], [b"3"]]
+
+    uvloop.run(main())

@@ -28,20 +28,22 @@ class StreamConfig:
 
     ``buffer_size`` is the receive window a stream announces (bytes the peer may
     send before we return credit); ``max_buffered_messages`` bounds the queue of
-    broadcast events waiting for credit on an attached stream (past it the
-    stream ends with RESOURCE_EXHAUSTED and the client resumes).
+    broadcast events waiting for credit on an attached stream, and
+    ``max_buffered_bytes`` their size (past either the stream ends with
+    RESOURCE_EXHAUSTED and the client resumes).
     """
 
     buffer_size: int = defaults.STREAM_WINDOW
     max_buffered_messages: int = defaults.MAX_BUFFERED_MESSAGES
+    max_buffered_bytes: int = defaults.MAX_BUFFERED_BYTES
     enable_compression: bool = False
     compression_threshold: int = defaults.COMPRESSION_THRESHOLD
 
     def __post_init__(self) -> None:
         if self.buffer_size < 1024:
             raise ValueError("StreamConfig.buffer_size must be at least 1024 bytes")
-        if self.max_buffered_messages < 1:
-            raise ValueError("StreamConfig.max_buffered_messages must be positive")
+        if self.max_buffered_messages < 1 or self.max_buffered_bytes < 1:
+            raise ValueError("StreamConfig.max_buffered_messages and max_buffered_bytes must be positive")
 
     @property
     def threshold(self) -> int | None:
@@ -65,6 +67,8 @@ class ServerConfig:
     keepalive_timeout_ms: int = defaults.KEEPALIVE_TIMEOUT_MS
     handshake_timeout_ms: int = defaults.HANDSHAKE_TIMEOUT_MS  # TLS + HELLO must complete within this
     shutdown_grace_ms: int = defaults.SHUTDOWN_GRACE_MS  # in-flight calls get this long after GOAWAY
+    max_connection_buffer: int = defaults.MAX_CONNECTION_BUFFER  # bytes waiting for one client
+    max_buffer_memory: int = defaults.MAX_BUFFER_MEMORY  # for all clients (the biggest goes past it)
     stream_config: StreamConfig = field(default_factory=StreamConfig)
     interceptors: Sequence[Interceptor] = ()
     authenticator: Callable[[dict[str, Any], Any], Any] | None = None  # (hello, peer) -> identity

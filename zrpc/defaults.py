@@ -26,6 +26,9 @@ COMPRESSION_THRESHOLD: Final = 1024
 
 # ------------------------------------------------------------------ server
 MAX_BUFFERED_MESSAGES: Final = 4096          # fan-out events queued per slow stream
+MAX_BUFFERED_BYTES: Final = 4 * MiB           # their bytes
+MAX_CONNECTION_BUFFER: Final = 16 * MiB       # bytes waiting for one client
+MAX_BUFFER_MEMORY: Final = 128 * MiB          # bytes waiting for all clients of a process
 MAX_CONNECTIONS: Final = 10_000
 MAX_CONNECTIONS_PER_IP: Final = 1000
 IDLE_TIMEOUT_MS: Final = 600_000

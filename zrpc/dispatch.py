@@ -84,7 +84,8 @@ class ServerCall:
         self._method = method
         self._recv_type = method.spec.request_type
         self.context = context
-        self.io = StreamIO(session, sid, session.dispatcher.config.stream_config.max_buffered_messages)
+        streams = session.dispatcher.config.stream_config
+        self.io = StreamIO(session, sid, streams.max_buffered_messages, streams.max_buffered_bytes)
         self.io.on_abort = self.abort
         self._task: asyncio.Task[None] | None = None
         self._deadline_timer: asyncio.TimerHandle | None = None

@@ -7,17 +7,22 @@
   ``idle_timeout_ms`` (keepalive PINGs do not count as activity);
 * :class:`ConnectionTimers`: an accepted connection's handshake deadline,
   idle timer and close linger.
+* :func:`apply_budget`: bound what a connection may have waiting for its
+  client (``max_connection_buffer``) within the process's budget
+  (``max_buffer_memory``), closing the connection holding the most when the
+  process passes it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from zrpc.outbox import Ledger
 from zrpc.protocol.frames import FrameType, encode_frame
 from zrpc.ratelog import RateLimitedLog
 from zrpc.session import SessionBase
@@ -232,3 +237,43 @@ class ConnectionTimers:
                 h.cancel()
         self._handshake = self._linger = None
         self.stop_idle()
+def apply_budget(session: SessionBase, transport: Any, limit: int, process: Ledger,
+                 sessions: Callable[[], Iterable[SessionBase]]) -> None:
+    """Give a new connection's session its buffer budget (before it opens any stream).
+
+    ``limit`` bytes may wait for its client (queued stream messages, coalesced
+    output, the transport's buffer); they also count against ``process``. The
+    transport's ``pause_writing`` (forwarded to the session by its protocol)
+    stops streams from writing more into the transport meanwhile.
+    """
+    session.ledger = Ledger(limit, process)
+    buffered = getattr(transport, "get_write_buffer_size", None)  # a QUIC stream pipe has none
+    if buffered is not None:
+        session.transport_buffered = buffered
+    session.shed = lambda: shed_largest(sessions(), process)
+
+
+def shed_largest(sessions: Iterable[SessionBase], process: Ledger) -> None:
+    """The process passed its buffer budget: close the connection with the most waiting."""
+    biggest, most = None, -1
+    for s in sessions:
+        if s.ledger is not None and not s.closed and s.ledger.bytes > most:
+            biggest, most = s, s.ledger.bytes
+    if biggest is not None:
+        biggest.close_over_budget(
+            f"server buffer memory over its budget ({process.bytes} bytes waiting for all clients, "
+            f"limit {process.limit}); this connection had the most waiting ({most} bytes)")
+
+
+class WritePauses:
+    """asyncio Protocol mixin: the transport's ``pause_writing``/``resume_writing`` reach the session."""
+
+    session: SessionBase | None
+
+    def pause_writing(self) -> None:
+        if self.session is not None:
+            self.session.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.session is not None and not self.session.closed:
+            self.session.resume_writing()

@@ -15,6 +15,11 @@ once the message is out (the broker chains credit across hops this way);
 status is out; ``on_error`` when a message cannot be sent at all (larger
 than the peer's ``max_message_size``, stream no longer sendable): the
 queue is dropped then and the owner ends the stream.
+
+``bytes`` is what the queued messages weigh; an outbox given a
+:class:`Ledger` also charges them to it (a connection's, which charges its
+process's), so that buffers are bounded in bytes per stream, per connection
+and per process (docs/architecture.md, "Memory and fairness").
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Final as _Final
 from zrpc.protocol.connection import Connection
 from zrpc.status import RpcError
 
-__all__ = ["END", "Final", "Outbox", "buffer_full"]
+__all__ = ["END", "Final", "Ledger", "Outbox", "buffer_full", "buffer_over"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +65,32 @@ def buffer_full(limit: int) -> str:
             "the client is too slow: resume from your last id")
 
 
+def buffer_over(limit: int) -> str:
+    """The status message of a stream whose queued bytes passed its budget."""
+    return (f"stream buffer full ({limit} bytes waiting for the client); "
+            "the client is too slow: resume from your last id")
+
+
+class Ledger:
+    """Bytes queued for peers, with a budget; charges its ``parent`` too (connection -> process)."""
+
+    __slots__ = ("bytes", "limit", "parent")
+
+    def __init__(self, limit: int, parent: Ledger | None = None) -> None:
+        self.limit = limit
+        self.parent = parent
+        self.bytes = 0
+
+    def charge(self, n: int) -> None:
+        self.bytes += n
+        if self.parent is not None:
+            self.parent.charge(n)
+
+    @property
+    def over(self) -> bool:
+        return self.bytes > self.limit
+
+
 def _ignore(_: Any) -> None:
     return None
 
@@ -67,18 +98,21 @@ def _ignore(_: Any) -> None:
 class Outbox:
     """Messages, END and a final status for stream ``sid`` of ``conn`` (see module docstring)."""
 
-    __slots__ = ("conn", "items", "on_ack", "on_error", "on_final", "sid")
+    __slots__ = ("bytes", "conn", "items", "ledger", "on_ack", "on_error", "on_final", "sid")
 
     def __init__(self, conn: Connection, sid: int, *,
                  on_ack: Callable[[int], Any] = _ignore,
                  on_final: Callable[[Final], Any] = _ignore,
-                 on_error: Callable[[RpcError], Any] | None = None) -> None:
+                 on_error: Callable[[RpcError], Any] | None = None,
+                 ledger: Ledger | None = None) -> None:
         self.conn = conn
         self.sid = sid
         self.items: collections.deque[_Message | Final | _End] = collections.deque()
         self.on_ack = on_ack
         self.on_final = on_final
         self.on_error = on_error
+        self.ledger = ledger
+        self.bytes = 0  # payload bytes queued
 
     def __len__(self) -> int:
         return len(self.items)
@@ -88,6 +122,13 @@ class Outbox:
 
     def clear(self) -> None:
         self.items.clear()
+        self._weigh(-self.bytes)
+
+    def _weigh(self, n: int) -> None:
+        if n:
+            self.bytes += n
+            if self.ledger is not None:
+                self.ledger.charge(n)
 
     # ---------------------------------------------------------------- put
     def put(self, payload: bytes, compressed: bool = False, end: bool = False, ack: int = 0) -> bool:
@@ -105,6 +146,7 @@ class Outbox:
                 self._failed(exc)
                 return True
         self.items.append((payload, compressed, end, ack))
+        self._weigh(len(payload))
         return False
 
     def put_end(self) -> bool:
@@ -146,11 +188,12 @@ class Outbox:
                             conn.end_stream(sid)
                     case (payload, compressed, end, ack):
                         if sid not in conn.streams:  # reset or closed: nothing more can go out
-                            items.clear()
+                            self.clear()
                             break
                         if conn.send_credit(sid) <= 0:
                             break
                         items.popleft()
+                        self._weigh(-len(payload))
                         conn.send_message(sid, payload, compressed=compressed, end_stream=end)
                         acked += ack
         except RpcError as exc:
@@ -166,7 +209,7 @@ class Outbox:
         self.on_final(final)
 
     def _failed(self, exc: RpcError) -> None:
-        self.items.clear()
+        self.clear()
         if self.on_error is None:
             raise exc
         self.on_error(exc)

@@ -25,7 +25,15 @@ from zrpc.config import ServerConfig
 from zrpc.context import RequestContext
 from zrpc.dispatch import Authenticator, Dispatcher, ServerCall, ServerSession
 from zrpc.fanout import FanOut
-from zrpc.limits import ConnectionTimers, IpCounter, admit_connection, peer_name
+from zrpc.limits import (
+    ConnectionTimers,
+    IpCounter,
+    WritePauses,
+    admit_connection,
+    apply_budget,
+    peer_name,
+)
+from zrpc.outbox import Ledger
 from zrpc.service import Service
 from zrpc.status import Status
 from zrpc.tls import ALPN_PROTOCOL, TlsConfig, peer_identity
@@ -66,7 +74,7 @@ def builtin_services(dispatcher: Dispatcher, serving: Any = None) -> Service:
     return svc
 
 
-class _ServerProtocol(asyncio.Protocol):
+class _ServerProtocol(WritePauses, asyncio.Protocol):
     def __init__(self, server: Server) -> None:
         self.server = server
         self.session: ServerSession | None = None
@@ -87,6 +95,8 @@ class _ServerProtocol(asyncio.Protocol):
         peer = peer_name(transport)
         session = ServerSession(server.dispatcher, transport.write, self._close_transport, peer=peer,
                                 authenticator=server.authenticator)
+        apply_budget(session, transport, cfg.max_connection_buffer, server.buffers,
+                     lambda: server.sessions)
         ssl_obj = transport.get_extra_info("ssl_object")
         cert_identity = peer_identity(ssl_obj) if ssl_obj is not None else None
         if cert_identity is not None:
@@ -146,6 +156,8 @@ class Server:
         self.authenticator = authenticator or self.config.authenticator
         self.sessions: set[ServerSession] = set()
         self.per_ip = IpCounter(self.config.max_connections_per_ip)
+        #: bytes waiting for all clients, bounded by ``max_buffer_memory`` (zrpc/limits.py)
+        self.buffers = Ledger(self.config.max_buffer_memory)
         self._binds: list[tuple[Address, TlsConfig]] = []
         self._servers: list[asyncio.Server] = []
         self._quic_binds: list[tuple[Address, TlsConfig]] = []

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from zrpc.codec import decompress
-from zrpc.outbox import Outbox, buffer_full
+from zrpc.outbox import Ledger, Outbox, buffer_full, buffer_over
 from zrpc.protocol.connection import Connection
 from zrpc.protocol.events import ConnectionTerminated, Event
 from zrpc.protocol.frames import FrameType
@@ -30,6 +30,14 @@ __all__ = ["CreditWaiter", "SessionBase", "StreamIO"]
 log = logging.getLogger("zrpc.session")
 _BURST = 64 * 1024  # queued output past which a sender flushes and yields
 frame_log = logging.getLogger("zrpc.frames")
+
+
+def _nothing() -> int:
+    return 0
+
+
+def _no_shed() -> None:
+    return None
 
 
 class CreditWaiter(Protocol):
@@ -58,6 +66,57 @@ class SessionBase:
         self.identity: str | None = None       # who the peer is (token sub, certificate CN)
         self.claims: dict[str, Any] = {}       # verified token claims
         self._expiry: asyncio.TimerHandle | None = None
+        #: bytes queued for this peer in stream outboxes, with the connection's budget (None: none)
+        self.ledger: Ledger | None = None
+        #: the transport's unflushed bytes (set by whatever owns the transport)
+        self.transport_buffered: Callable[[], int] = _nothing
+        #: called when the process passed its buffer budget (the owner closes the biggest user)
+        self.shed: Callable[[], None] = _no_shed
+
+    # ---------------------------------------------------- memory budget
+    def pause_writing(self) -> None:
+        """The transport's buffer is full: stop giving streams credit (asyncio Protocol hook)."""
+        self.conn.pause_output()
+
+    def resume_writing(self) -> None:
+        """The transport drained: credit is back; blocked streams send what they queued."""
+        self.conn.resume_output()
+        self.window_updated(0)
+        self.flush()
+
+    def buffered(self) -> int:
+        """Bytes waiting for the peer: queued stream messages, coalesced output, the transport's."""
+        queued = self.ledger.bytes if self.ledger is not None else 0
+        return queued + self.conn.bytes_to_send + self.transport_buffered()
+
+    def within_budget(self) -> bool:
+        """False when the connection passed its budget: it is then ended with GOAWAY RESOURCE_EXHAUSTED.
+
+        Call after queueing output. Past the process budget (the ledger's
+        parent) ``shed`` picks which connection goes.
+        """
+        ledger = self.ledger
+        if ledger is None or self.closed:
+            return True
+        if ledger.parent is not None and ledger.parent.over:
+            self.shed()
+            if self.closed:
+                return False
+        waiting = self.buffered()
+        if waiting <= ledger.limit:
+            return True
+        self.close_over_budget(f"connection buffer over its budget ({waiting} bytes waiting for the "
+                               f"client, limit {ledger.limit}); the client does not read fast enough")
+        return False
+
+    def close_over_budget(self, why: str) -> None:
+        """End the connection: GOAWAY RESOURCE_EXHAUSTED (every stream is gone) and close."""
+        if self.closed:
+            return
+        log.warning("closing connection from %s: %s", self.peer, why)
+        self.end_streams(Status.RESOURCE_EXHAUSTED, why)
+        self.conn.close(Status.RESOURCE_EXHAUSTED, why)
+        self.terminate(Status.RESOURCE_EXHAUSTED, why)
 
     # -------------------------------------------------------------- output
     def schedule_flush(self) -> None:
@@ -178,9 +237,10 @@ class StreamIO:
     """One stream's receive queue and flow-controlled send path."""
 
     __slots__ = ("_credit", "_ended", "_error", "_inbox", "_outbox", "_reader", "max_outbox",
-                 "on_abort", "session", "sid")
+                 "max_outbox_bytes", "on_abort", "session", "sid")
 
-    def __init__(self, session: SessionBase, sid: int, max_outbox: int = 4096) -> None:
+    def __init__(self, session: SessionBase, sid: int, max_outbox: int = 4096,
+                 max_outbox_bytes: int = 4 * 1024 * 1024) -> None:
         self.session = session
         self.sid = sid
         self._inbox: collections.deque[tuple[bytes, bool]] = collections.deque()
@@ -188,8 +248,9 @@ class StreamIO:
         self._credit: asyncio.Future[None] | None = None
         self._ended = False
         self._error: RpcError | None = None
-        self._outbox = Outbox(session.conn, sid, on_error=self._undeliverable)
+        self._outbox = Outbox(session.conn, sid, on_error=self._undeliverable, ledger=session.ledger)
         self.max_outbox = max_outbox
+        self.max_outbox_bytes = max_outbox_bytes
         #: ends the stream with a status when a pushed event cannot be delivered
         self.on_abort: Callable[[Status, str], None] | None = None
 
@@ -281,8 +342,12 @@ class StreamIO:
         if len(outbox) >= self.max_outbox:
             self._abort(Status.RESOURCE_EXHAUSTED, buffer_full(self.max_outbox))
             return False
+        if outbox.bytes + len(payload) > self.max_outbox_bytes:
+            self._abort(Status.RESOURCE_EXHAUSTED, buffer_over(self.max_outbox_bytes))
+            return False
         if not outbox.put(payload):
             self.session.block(self)
+            self.session.within_budget()
         else:
             self.session.schedule_flush()
         return self._error is None

@@ -141,6 +141,7 @@ class Connection:
         self.peer: dict[str, Any] | None = None
         self.goaway_received: int | None = None  # last stream id the peer will process
         self.goaway_sent: int | None = None
+        self.output_paused = False  # see pause_output
         self._out = bytearray()
         self._decoder = FrameDecoder(self.local.max_message_size, CONTROL_FRAME_LIMIT)
         self._send_conn_window = 0
@@ -471,7 +472,22 @@ class Connection:
             raise StreamClosed(f"stream {sid} is closed")
         if (st.state, _E.SEND_MESSAGE) not in TRANSITIONS:
             raise StreamClosed(f"cannot send on stream {sid} in state {st.state.value}")
+        if self.output_paused:
+            return 0
         return min(st.send_window, self._send_conn_window)
+
+    def pause_output(self) -> None:
+        """The transport cannot take more for now: no stream has credit until :meth:`resume_output`.
+
+        Whatever windows the peer announced, messages then wait in their
+        senders' queues (where they are counted against the buffer budgets)
+        instead of piling up in the transport. Control frames still queue.
+        """
+        self.output_paused = True
+
+    def resume_output(self) -> None:
+        """The transport drained: credit is back (the caller wakes its blocked senders)."""
+        self.output_paused = False
 
     @property
     def peer_max_message_size(self) -> int:
