@@ -218,8 +218,11 @@ class ChatService:
         self.owns = owns
         self.forward = forward
         self.store: MessageStore = open_store(config.store_config())
+        last_ids = self.store.last_ids()
+        if owns is not None:  # a shared store holds every shard's rooms: keep this shard's
+            last_ids = {room: last for room, last in last_ids.items() if owns(room)}
         self.rooms = RoomTable(recent_limit=config.recent_limit, event_ring=config.event_ring,
-                               last_ids=self.store.last_ids())
+                               last_ids=last_ids)
         self._states: dict[str, _RoomState] = {}
         # (room, user, idempotency key) -> the send holding it until its commit resolves
         self._keys: dict[tuple[str, str, str], tuple[_RoomState, StoredMessage]] = {}
