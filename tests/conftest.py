@@ -58,7 +58,7 @@ def echo_service() -> Callable[..., zrpc.Service]:
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PostgresServer]:
-    """One real PostgreSQL server for the session (initdb + pg_ctl in a temp dir), always stopped.
+    """One real PostgreSQL server for the session (tests/pgserver.py, a temp dir), always stopped.
 
     Skips when the server binaries are missing; fails instead under CI=true.
     """

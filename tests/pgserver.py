@@ -1,4 +1,4 @@
-"""A throwaway PostgreSQL server for tests and the bench: initdb + pg_ctl in a temporary directory.
+"""A throwaway PostgreSQL server for tests and the bench, in a temporary directory.
 
 The Debian server package (``apt-get install postgresql``, which ``scripts/test``
 installs where missing) provides the binaries under
@@ -7,6 +7,10 @@ as root the server runs as the ``postgres`` user.  It listens on a free TCP
 port on ``host`` (127.0.0.1 by default) with ``trust`` authentication, fsync
 off unless asked for (tests check the commit protocol, not the disk; the
 bench keeps fsync on), and is always stopped by :meth:`PostgresServer.stop`.
+``initdb`` creates the cluster; the postmaster then runs in the foreground as
+this process's child with a parent-death signal (``setpriv --pdeathsig`` as
+root), so it also stops when the test run is killed (a pytest-timeout exit),
+and ``pg_ctl stop`` stops it otherwise.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 __all__ = ["PostgresServer", "find_bindir", "missing_reason", "require_postgres"]
@@ -59,6 +65,13 @@ def require_postgres() -> Path:
     return bindir
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGQUIT (PostgreSQL's immediate shutdown) when the parent dies."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGQUIT)  # PR_SET_PDEATHSIG
+
+
 def _has_user(name: str) -> bool:
     try:
         pwd.getpwnam(name)
@@ -87,6 +100,7 @@ class PostgresServer:
         self.data = self.dir / "data"
         self._user: str | None = "postgres" if os.geteuid() == 0 else None
         self._started = False
+        self._proc: subprocess.Popen[bytes] | None = None
         self._dbs = 0
 
     def _run(self, *args: str, timeout: float = 60) -> None:
@@ -112,10 +126,23 @@ class PostgresServer:
         opts = (f"-p {self.port} -k {self.dir} -c listen_addresses={listen} "
                 f"-c fsync={'on' if self.fsync else 'off'} "
                 "-c max_connections=200 -c shared_buffers=32MB")
-        self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.dir / "log"),
-                  "-w", "-t", "30", "start")
+        argv = [str(self.bindir / "postgres"), "-D", str(self.data), *opts.split()]
+        if self._user is not None:  # setpriv execs postgres itself, keeping the death signal
+            argv = ["setpriv", "--reuid", self._user, "--regid", self._user, "--init-groups",
+                    "--pdeathsig", "SIGQUIT", *argv]
+        self._proc = subprocess.Popen(argv, stdout=(self.dir / "log").open("ab"),
+                                      stderr=subprocess.STDOUT, cwd=str(self.dir),
+                                      preexec_fn=_die_with_parent)
         self._started = True
-        return self
+        deadline = time.monotonic() + 30
+        while True:  # polling until the server accepts connections (or died)
+            try:
+                self._run("pg_isready", "-q", "-h", self.host, "-p", str(self.port), timeout=10)
+                return self
+            except subprocess.CalledProcessError:
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"PostgreSQL did not start:\n{self.log()[-2000:]}") from None
+                time.sleep(0.05)
 
     def url(self, db: str = "postgres") -> str:
         return f"postgresql://postgres@{self.host}:{self.port}/{db}"
@@ -138,8 +165,17 @@ class PostgresServer:
 
     def stop(self) -> None:
         try:
-            if self._started:
-                self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+            if self._started and self._proc is not None:
+                try:  # immediate shutdown: a throwaway server
+                    self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop",
+                              timeout=30)
+                except (subprocess.SubprocessError, OSError):
+                    self._proc.send_signal(signal.SIGQUIT)
+                try:
+                    self._proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait(10)
         finally:
             self._started = False
             shutil.rmtree(self.dir, ignore_errors=True)
