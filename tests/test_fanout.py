@@ -111,3 +111,20 @@ def test_pending_buffer_is_bounded() -> None:
         f.publish("r", i, ev(i))
     assert s.aborted is not None and s.aborted[0] is Status.ABORTED
     assert "r" not in f.topics
+
+
+def test_an_attach_overtaken_by_a_later_one_is_caught_up_from_the_shard() -> None:
+    """b's ATTACH (snapshot 1) reaches the broker before a's (snapshot 0): nothing was delivered
+    yet, so a gets event 1 from the shard instead of an ABORTED stream; b never sees it."""
+    gaps: list[tuple[str, int, int]] = []
+    f = FanOut(on_gap=lambda topic, after, upto: gaps.append((topic, after, upto)))
+    a, b = Sink(), Sink()
+    assert f.attach("r", b, 1) is True
+    assert f.attach("r", a, 0) is False
+    assert a.aborted is None
+    assert gaps == [("r", 0, 1)]
+    f.publish("r", 2, ev(2))       # held until the repair fills 1
+    f.repair("r", [(1, ev(1))])
+    f.publish("r", 3, ev(3))
+    assert a.got == [ev(1), ev(2), ev(3)]
+    assert b.got == [ev(2), ev(3)]

@@ -73,6 +73,18 @@ class FanOut:
         created = t is None
         if t is None:
             t = self.topics[topic] = Topic(topic, after_seq, self._ring)
+        if after_seq < t.last_seq and not t.ring and not t.pending:
+            # Nothing was delivered here yet: the topic only started at a later attacher's
+            # snapshot (its ATTACH overtook this one). Start lower and fetch the events between
+            # from the shard; sinks attached above them skip them (delivery is per sink start).
+            gap_upto = t.last_seq
+            t.last_seq = after_seq
+            t.sinks[sink] = after_seq
+            if self.on_gap is not None and not t.repairing:
+                self.gaps += 1
+                t.repairing = True
+                self.on_gap(topic, after_seq, gap_upto)
+            return created
         if after_seq < t.last_seq:
             # The sink's snapshot is older than what was already delivered: catch up from the ring.
             missed = [(s, p) for s, p in t.ring if s > after_seq]
