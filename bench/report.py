@@ -213,11 +213,11 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             row(sid + "''", "hostile", f"{attack}: bystander max <= 1 s, p99 <= 100 ms", "ms p99",
                 lat["p99"], None, None, None, ("zrpc", "<=", 100), f"max {lat['max']} ms; Health/Check max "
                 f"{c['health_ms']['max']} ms, {c['health_ms']['failures']} failed", met=ok)
-        for kind in ("normal", "garbage"):
+        for sid, kind in (("9c", "normal"), ("9d", "garbage")):
             c = by.get(f"churn_{kind}")
             if c is not None:
                 g = c["growth_after_first_mib"]
-                row("9c", "hostile", f"churn ({kind}): RSS growth <= 8 MiB over "
+                row(sid, "hostile", f"churn ({kind}): RSS growth <= 8 MiB over "
                     f"{c['connections_after_first']} connections after the first 200", "MiB", g, None, None,
                     None, ("zrpc", "<=", 8), f"after each round: {c['rss_mib_after_each_round']}")
     return rows
