@@ -282,7 +282,7 @@ class Relay:
             self.timer.cancel()
             self.timer = None
         metrics = edge.broker.metrics
-        metrics.latency.labels(self.method).observe(edge.loop.time() - self.started)
+        metrics.call_latency(self.method, edge.loop.time() - self.started)
         metrics.call_done(self.method, code, message)  # every relayed or local call, cancelled too
         edge.relays.pop(self.sid, None)
         edge.unblock(self)

@@ -1,22 +1,25 @@
 """Prometheus metrics of the broker (served with ``--metrics-port``).
 
-Per-call counters are Prometheus objects; the per-read/write and per-message
-ones (bytes, worker messages, bus events) are plain ints on
-:class:`BrokerMetrics`, added to on the hot path without a lock and exported
-as counters on scrape by :class:`_CountsCollector`, like the fan-out's sums
-(:class:`_FanOutCollector`). Every metric is listed in
+What the hot path counts (calls by method and status, call latency buckets,
+bytes, worker messages, bus events) is kept in plain ints, dicts and lists
+on :class:`BrokerMetrics`, added to without a lock or a label lookup, and
+exported on scrape by :class:`_CountsCollector` as the same counters and
+histogram Prometheus's own classes would give, like the fan-out's sums
+(:class:`_FanOutCollector`); only rare events (worker deaths) and live
+gauges use prometheus_client's classes. Every metric is listed in
 docs/operations.md. Each finished call also goes to the INFO activity log
 (:mod:`broker.activity`).
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from broker.activity import Activity
@@ -43,13 +46,17 @@ class _FanOutCollector(Collector):
                                   value=fan.repairs)
 
 
+#: Upper bounds of the ``zrpc_call_seconds`` buckets (prometheus_client's defaults).
+LATENCY_BUCKETS: tuple[float, ...] = tuple(float(b) for b in Histogram.DEFAULT_BUCKETS)
+
+
 class _CountsCollector(Collector):
     """The broker's plain-int counters, read on scrape."""
 
     def __init__(self, m: BrokerMetrics) -> None:
         self.m = m
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         m = self.m
         yield CounterMetricFamily("zrpc_bytes_received", "Bytes received from clients", value=m.bytes_in)
         yield CounterMetricFamily("zrpc_bytes_sent", "Bytes sent to clients", value=m.bytes_out)
@@ -58,6 +65,21 @@ class _CountsCollector(Collector):
         yield CounterMetricFamily("zrpc_worker_messages_received", "Messages from workers",
                                   value=m.frames_from_workers)
         yield CounterMetricFamily("zrpc_bus_events", "Events received from the bus", value=m.bus_events)
+        calls = CounterMetricFamily("zrpc_calls", "Calls finished, by method and status",
+                                    labels=["method", "status"])
+        for (method, status), n in list(m.call_counts.items()):  # a copy: the loop thread adds
+            calls.add_metric([method, status], n)
+        yield calls
+        latency = HistogramMetricFamily("zrpc_call_seconds", "Call latency from OPEN to STATUS",
+                                        labels=["method"])
+        for method, counts in list(m.latency_counts.items()):
+            counts = list(counts)
+            cumulative, buckets = 0, []
+            for bound, n in zip(LATENCY_BUCKETS, counts, strict=True):
+                cumulative += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            latency.add_metric([method], buckets, m.latency_sums.get(method, 0.0))
+        yield latency
 
 
 class BrokerMetrics:
@@ -68,9 +90,10 @@ class BrokerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.connections = Gauge("zrpc_connections", "Open client connections", registry=r)
-        self.calls = Counter("zrpc_calls_total", "Calls finished, by method and status",
-                             ["method", "status"], registry=r)
-        # plain ints (the hot path adds to them), exported on scrape
+        # plain ints and dicts (the hot path adds to them), exported on scrape
+        self.call_counts: dict[tuple[str, str], int] = {}
+        self.latency_counts: dict[str, list[int]] = {}  # per bucket of LATENCY_BUCKETS, not cumulative
+        self.latency_sums: dict[str, float] = {}
         self.bytes_in = 0
         self.bytes_out = 0
         self.frames_to_workers = 0
@@ -79,12 +102,21 @@ class BrokerMetrics:
         r.register(_CountsCollector(self))
         self.workers_live = Gauge("zrpc_workers_live", "Workers registered and alive", registry=r)
         self.worker_deaths = Counter("zrpc_worker_deaths_total", "Workers lost (exit or heartbeat expiry)", registry=r)
-        self.latency = Histogram("zrpc_call_seconds", "Call latency from OPEN to STATUS", ["method"], registry=r)
 
     def call_done(self, method: str, code: int, message: str = "") -> None:
         status = Status.coerce(code)
-        self.calls.labels(method, status.name).inc()
+        key = (method, status.name)
+        counts = self.call_counts
+        counts[key] = counts.get(key, 0) + 1
         self.activity.call_done(method, status, message)
+
+    def call_latency(self, method: str, seconds: float) -> None:
+        """One routed call's OPEN-to-STATUS time (``zrpc_call_seconds``)."""
+        counts = self.latency_counts.get(method)
+        if counts is None:
+            counts = self.latency_counts[method] = [0] * len(LATENCY_BUCKETS)
+        counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sums[method] = self.latency_sums.get(method, 0.0) + seconds
 
     def bind(self, fan: FanOut, *, live_workers: Callable[[], int], connections: Callable[[], int]) -> None:
         """Export what is read on scrape: the fan-out's sums and two live counts."""
