@@ -179,6 +179,7 @@ class UnixWorkerEnd:
         self.path = endpoint[len("unix://"):]
         self._link: StreamLink | None = None
         self._on_message: Callable[[list[bytes]], Any] | None = None
+        self._unreachable = False
 
     def open(self, on_message: Callable[[list[bytes]], Any]) -> None:
         self.close()
@@ -192,8 +193,11 @@ class UnixWorkerEnd:
             sock.connect(self.path)  # a local connect completes at once (or fails at once)
         except OSError as exc:
             sock.close()
-            log.warning("cannot connect to broker %s: %s", self.endpoint, exc)
+            if not self._unreachable:  # once per outage, not on every heartbeat
+                log.warning("cannot connect to broker %s: %s", self.endpoint, exc)
+            self._unreachable = True
             return
+        self._unreachable = False
         sock.setblocking(False)
         link = self._link = StreamLink(self._on_message)
         loop = asyncio.get_running_loop()

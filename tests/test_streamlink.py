@@ -122,3 +122,27 @@ def test_a_send_between_iterations_never_overtakes_queued_messages() -> None:
         assert got == [[b"1"], [b"2"], [b"3"]]
 
     uvloop.run(main())
+
+
+def test_worker_end_without_a_broker_warns_once_and_connects_when_it_appears(
+        tmp_path: Any, caplog: Any) -> None:
+    from cluster.streamlink import UnixWorkerEnd
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        path = str(tmp_path / "link.sock")
+        end = UnixWorkerEnd(f"unix://{path}")
+        end.open(lambda frames: None)
+        for _ in range(5):
+            end.send([b"HB"])  # dropped: nobody listens
+        warnings = [r for r in caplog.records if "cannot connect" in r.getMessage()]
+        assert len(warnings) == 1
+        got = loop.create_future()
+        server = await loop.create_unix_server(
+            lambda: StreamLink(lambda frames: got.done() or got.set_result(frames)), path)
+        end.send([b"READY"])
+        assert await asyncio.wait_for(got, 10) == [b"READY"]
+        end.close()
+        server.close()
+
+    uvloop.run(main())
