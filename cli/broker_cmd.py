@@ -133,6 +133,13 @@ def _authenticator(secret: str | None, public_key_file: str | None, audience: st
               help="Messages per second each chat user may send (default 50; 0: unlimited).")
 @click.option("--chat-rate-burst", type=click.IntRange(min=1), default=None,
               envvar="ZRPC_CHAT_RATE_BURST", help="Chat messages a user may send at once (default 100).")
+@click.option("--chat-presence-names-per-connection", type=click.IntRange(min=1), default=None,
+              envvar="ZRPC_CHAT_PRESENCE_NAMES_PER_CONNECTION",
+              help="Distinct user names one connection may keep present in chat rooms (default 16).")
+@click.option("--chat-presence-names-per-ip", type=click.IntRange(min=1), default=None,
+              envvar="ZRPC_CHAT_PRESENCE_NAMES_PER_IP",
+              help="Distinct user names the unauthenticated connections of one IP may keep present "
+                   "(default 256, per shard).")
 @click.option("--max-message-size", type=int, default=defaults.MAX_MESSAGE_SIZE, show_default=True,
               envvar="ZRPC_MAX_MESSAGE_SIZE")
 @click.option("--max-buffered-messages", type=int, default=defaults.MAX_BUFFERED_MESSAGES, show_default=True,
@@ -182,7 +189,8 @@ def start(listen: str, quic_listen: str | None, workers: int, shards: int | None
           auth_secret: str | None, auth_public_key: str | None, auth_audience: str | None,
           auth_issuer: str | None, auth_leeway: float, auth_require_exp: bool,
           chat_rate_per_s: float | None,
-          chat_rate_burst: int | None, max_message_size: int, max_buffered_messages: int,
+          chat_rate_burst: int | None, chat_presence_names_per_connection: int | None,
+          chat_presence_names_per_ip: int | None, max_message_size: int, max_buffered_messages: int,
           max_buffered_bytes: int, max_connection_buffer: int, max_buffer_memory: int,
           stream_window: int, grace: float, metrics_port: int | None,
           app_ref: str | None, log_level: str, log_summary_interval: float, debug_frames: bool,
@@ -215,6 +223,10 @@ def start(listen: str, quic_listen: str | None, workers: int, shards: int | None
         app_options["rate_per_s"] = chat_rate_per_s
     if chat_rate_burst is not None:
         app_options["rate_burst"] = chat_rate_burst
+    if chat_presence_names_per_connection is not None:
+        app_options["max_presence_names_per_connection"] = chat_presence_names_per_connection
+    if chat_presence_names_per_ip is not None:
+        app_options["max_presence_names_per_ip"] = chat_presence_names_per_ip
     server = replace(ServerConfig(), max_connections=max_connections, max_message_size=max_message_size,
                      max_connections_per_ip=max_connections_per_ip,
                      idle_timeout_ms=idle_timeout_ms or None, authenticator=authenticator,

@@ -280,3 +280,14 @@ def test_a_connection_past_its_budget_gets_goaway(tmp_path: Path) -> None:
             assert code == Status.RESOURCE_EXHAUSTED, text
             assert "connection buffer over its budget" in text and "limit 4194304" in text
         b.assert_serving()
+
+
+def test_presence_caps_are_broker_options(tmp_path: Path) -> None:
+    with hostile.live_broker(tmp_path, "--chat-presence-names-per-connection", "2") as b:
+        with b.raw() as r:
+            r.handshake()
+            r.send(b"".join(subscribe(2 * k + 1, "capped", f"name-{k}") for k in range(3)))
+            kind, code, text = r.outcome(5)
+            assert (kind, code) == ("STATUS", Status.RESOURCE_EXHAUSTED), text
+            assert "(the limit is 2)" in text
+        b.assert_serving()

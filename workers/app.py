@@ -61,7 +61,9 @@ def chat_app(worker: Worker) -> App:
 
     store = (cfg.store or str(Path(cfg.data_dir) / "shard-{shard}.sqlite")).replace(
         "{shard}", str(cfg.shard))
-    # --chat-rate-per-s / --chat-rate-burst of zrpc-broker or zrpc-worker
-    limits = {k: v for k, v in cfg.app_options.items() if k in ("rate_per_s", "rate_burst")}
+    # --chat-rate-per-s / --chat-rate-burst (zrpc-broker or zrpc-worker) and
+    # --chat-presence-names-per-connection / -per-ip (zrpc-broker)
+    limits = {k: v for k, v in cfg.app_options.items() if k in (
+        "rate_per_s", "rate_burst", "max_presence_names_per_connection", "max_presence_names_per_ip")}
     return ChatService(ChatConfig(store_url=store, store_fence=worker.fence, **limits), bus=worker.bus,
                        owns=worker.owns, forward=forward)
