@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import pathlib
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
+import uvloop
 from pgserver import PostgresServer, require_postgres
 
 import zrpc
@@ -18,6 +21,37 @@ def _isolated_zrpc_home(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch)
     home = tmp_path / "zrpc-home"
     monkeypatch.setenv("ZRPC_HOME", str(home))
     return home
+
+
+#: Seconds a test's event loop stops before pytest-timeout would: pytest-timeout's
+#: thread method (the only one that interrupts a blocked uvloop) ends the whole run.
+_LOOP_MARGIN_S = 5.0
+
+
+@pytest.fixture(autouse=True)
+def _bounded_event_loops(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``uvloop.run`` in a test ends before the test's timeout with the awaiting line's traceback.
+
+    A hung await then fails that one test (the cancelled coroutine's stack shows
+    where it waited) instead of pytest-timeout stopping the whole session.
+    """
+    marker = request.node.get_closest_marker("timeout")
+    limit = float(marker.args[0]) if marker is not None and marker.args else float(
+        request.config.getini("timeout") or 60)
+    deadline = time.monotonic() + max(1.0, limit - _LOOP_MARGIN_S)
+    real_run = uvloop.run
+
+    def bounded_run(main: Coroutine[Any, Any, Any], **kwargs: Any) -> Any:
+        async def until_deadline() -> Any:
+            budget = max(0.1, deadline - time.monotonic())
+            try:
+                return await asyncio.wait_for(main, budget)
+            except TimeoutError as exc:
+                raise AssertionError(f"the test's event loop was still waiting after {budget:.1f}s "
+                                     "(see the cancelled await in the traceback above)") from exc
+        return real_run(until_deadline(), **kwargs)
+
+    monkeypatch.setattr(uvloop, "run", bounded_run)
 
 
 def make_echo_service(name: str = "Echo") -> zrpc.Service:
