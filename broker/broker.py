@@ -475,7 +475,9 @@ class Broker:
 
     def _worker_dead(self, w: WorkerInfo, why: str, *, died: bool = True) -> None:
         """End every stream served by ``w`` with UNAVAILABLE (the clients resume)."""
-        log.warning("%s; failing its streams with UNAVAILABLE", why)
+        # expected while the broker itself drains (SIGTERM): not worth a warning then
+        log.log(logging.INFO if self.stopping else logging.WARNING,
+                "%s; failing its streams with UNAVAILABLE", why)
         if died:
             self.metrics.worker_deaths.inc()
         for s in list(self.sessions.values()):
