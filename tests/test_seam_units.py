@@ -332,6 +332,18 @@ def test_supervisor_gives_up_after_identical_start_up_failures(tmp_path: Path,
     run(main())
 
 
+def _ignores_sigterm(pid: int) -> bool:
+    """Whether ``pid`` has set SIGTERM to SIG_IGN (its ``SigIgn`` mask in /proc)."""
+    import signal
+
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigIgn:"))
+    return bool(mask & (1 << (signal.SIGTERM - 1)))
+
+
 def test_supervisor_kills_a_hung_worker_and_restarts_it(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
@@ -349,7 +361,7 @@ def test_supervisor_kills_a_hung_worker_and_restarts_it(tmp_path: Path,
             await eventually(lambda: s.pids().get(0), 10, "the worker to start")
             first = s.pids()[0]
             s.worker_registered(first)
-            await asyncio.sleep(0.2)  # let it install its SIGTERM handler (it ignores SIGTERM)
+            await eventually(lambda: _ignores_sigterm(first), 10, "the worker to ignore SIGTERM")
             loop = asyncio.get_running_loop()
             t0 = loop.time()
             await s.kill_hung(first)
